@@ -1,0 +1,229 @@
+"""Algorithm 1's gradient routing, checked against each network's own objective computed
+the plain way (one full graph, differentiated w.r.t. that network alone)."""
+
+import copy
+
+import pytest
+import torch
+
+from vaegan.losses import gan_bce, generator_nonsaturating, kl_prior, llike_dis_l, llike_pixel
+from vaegan.model import VAEGAN, reparameterize
+from vaegan.step import NonFiniteLossError, TrainStep
+
+
+def make(cfg, **loss):
+    for k, v in loss.items():
+        setattr(cfg.loss, k, v)
+    model = VAEGAN(cfg.model)
+    return model, TrainStep.for_model(model, cfg)
+
+
+def batch(cfg, n=8):
+    m = cfg.model
+    return torch.rand(n, m.channels, m.image_size, m.image_size) * 2 - 1
+
+
+def noise(cfg, n=8):
+    return torch.randn(n, cfg.model.latent_dim), torch.randn(n, cfg.model.latent_dim)
+
+
+def grads(module):
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+            for p in module.parameters()]
+
+
+def own_objectives(model, cfg, x, eps, z_p):
+    """Each network's objective from one plain full graph (no detaches but the Dis_l(x)
+    target), differentiated w.r.t. that network only."""
+    L, b = cfg.loss, x.shape[0]
+    enc, dec, dis = model.encoder, model.decoder, model.discriminator
+    mu, log_var = enc(x)
+    z = reparameterize(mu, log_var, eps)
+    fake = dec(torch.cat([z, z_p]))
+    logits, feats = dis(torch.cat([x, fake]))
+    lr, lt, lp = logits.split(b)
+    fr, ft, _ = feats.split(b)
+    kl = kl_prior(mu, log_var)
+    ll = llike_dis_l(fr.detach(), ft)
+    paper = L.recipe == "paper"
+    gan = gan_bce(lr, lt if paper else None, lp)
+    a, c = (L.gamma, 1.0) if paper else (L.w, 1 - L.w)
+    if L.generator == "minimax":
+        dec_obj = a * ll - c * gan  # Dec ascends the BCE
+    else:
+        dec_obj = a * ll + c * generator_nonsaturating(torch.cat([lt, lp]) if paper else lp)
+
+    def g(obj, module):
+        return list(torch.autograd.grad(obj, list(module.parameters()), retain_graph=True,
+                                        allow_unused=True))
+    return {"encoder": g(kl + ll, enc), "decoder": g(dec_obj, dec), "discriminator": g(gan, dis)}
+
+
+def assert_grads_close(actual, expected, name):
+    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        e = torch.zeros_like(a) if e is None else e
+        torch.testing.assert_close(a, e, rtol=2e-4, atol=2e-6,
+                                   msg=lambda m, i=i: f"{name} param {i}: {m}")
+
+
+@pytest.mark.parametrize("recipe", ["paper", "reference"])
+@pytest.mark.parametrize("generator", ["minimax", "nonsaturating"])
+def test_each_network_gets_exactly_its_own_gradient(debug_cfg, recipe, generator):
+    # gamma and w of order 1 so both parts of the decoder's gradient are visible
+    model, step = make(debug_cfg, recipe=recipe, generator=generator, gamma=0.3, w=0.4)
+    x, (eps, z_p) = batch(debug_cfg), noise(debug_cfg)
+    reference_model = copy.deepcopy(model)
+    step.compute_gradients(x, (eps, z_p))
+    expected = own_objectives(reference_model, debug_cfg, x, eps, z_p)
+    for name in ("encoder", "decoder", "discriminator"):
+        assert_grads_close(grads(getattr(model, name)), expected[name], name)
+
+
+def test_gan_loss_never_reaches_the_encoder(debug_cfg):
+    """Changing Dis's head changes L_GAN but neither L_prior nor L_llike (Dis_l sits below
+    the head): the encoder's gradient must not move by a single bit."""
+    model, step = make(debug_cfg, gamma=0.3)
+    x, nz = batch(debug_cfg), noise(debug_cfg)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.discriminator.fc[-1].weight.mul_(-3.0).add_(0.1)
+    step.compute_gradients(x, nz)
+    other_step = TrainStep.for_model(other, debug_cfg)
+    other_step.compute_gradients(x, nz)
+    assert not torch.equal(model.discriminator.fc[-1].weight.grad,
+                           other.discriminator.fc[-1].weight.grad)
+    for a, b in zip(grads(model.encoder), grads(other.encoder), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_dis_l_loss_leaves_the_discriminator_untouched(debug_cfg):
+    """Dis's gradient is the gradient of L_GAN alone, whatever weight L_llike has."""
+    x, nz = batch(debug_cfg), noise(debug_cfg)
+    results = []
+    for gamma in (0.0, 1.0, 100.0):
+        torch.manual_seed(0)
+        model, step = make(debug_cfg, gamma=gamma)
+        ref = copy.deepcopy(model)
+        step.compute_gradients(x, nz)
+        results.append(grads(model.discriminator))
+        b = x.shape[0]
+        mu, lv = ref.encoder(x)
+        fake = ref.decoder(torch.cat([reparameterize(mu, lv, nz[0]), nz[1]]))
+        logits, _ = ref.discriminator(torch.cat([x, fake.detach()]))
+        gan_only = torch.autograd.grad(gan_bce(*logits.split(b)),
+                                       list(ref.discriminator.parameters()))
+        assert_grads_close(results[-1], gan_only, "discriminator")
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_all_updates_use_the_same_parameter_values(debug_cfg):
+    """A step = gradients at theta_t for all three nets, then each optimizer steps once."""
+    model, step = make(debug_cfg, gamma=0.3)
+    x, nz = batch(debug_cfg), noise(debug_cfg)
+    ref = copy.deepcopy(model)
+    ref_step = TrainStep.for_model(ref, debug_cfg)
+    ref_step.compute_gradients(x, nz)
+    for opt in ref_step.optimizers.values():
+        opt.step()
+    step(x, nz)
+    for a, b in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_vae_mode_is_the_pixel_baseline(debug_cfg):
+    model, step = make(debug_cfg, mode="vae")
+    x, (eps, z_p) = batch(debug_cfg), noise(debug_cfg)
+    ref = copy.deepcopy(model)
+    step.compute_gradients(x, (eps, z_p))
+    mu, lv = ref.encoder(x)
+    obj = kl_prior(mu, lv) + llike_pixel(x, ref.decoder(reparameterize(mu, lv, eps)))
+    for name in ("encoder", "decoder"):
+        net = getattr(ref, name)
+        assert_grads_close(grads(getattr(model, name)),
+                           torch.autograd.grad(obj, list(net.parameters()), retain_graph=True),
+                           name)
+    assert all(p.grad is None for p in model.discriminator.parameters())
+
+
+def test_gan_mode_has_no_encoder(debug_cfg):
+    model, step = make(debug_cfg, mode="gan")
+    before = copy.deepcopy(model.encoder.state_dict())
+    m = step(batch(debug_cfg))
+    assert m.kl_prior == 0 and m.llike_dis_l == 0 and m.gan_bce > 0
+    for k, v in model.encoder.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+@pytest.mark.parametrize(("costs", "skip"), [((0.2, 0.68), "dis"), ((0.68, 1.2), "dec")])
+def test_equilibrium_skips_leave_that_network_unchanged(debug_cfg, costs, skip):
+    """The rule's decision pauses exactly that optimizer; Enc always updates. The costs are
+    injected through the cross-rank averaging seam (the rule itself is tested in
+    test_losses)."""
+    debug_cfg.loss.recipe = "reference"
+    model = VAEGAN(debug_cfg.model)
+    step = TrainStep.for_model(model, debug_cfg, mean_across_ranks=lambda t: torch.tensor(costs))
+    net = model.discriminator if skip == "dis" else model.decoder
+    other = model.decoder if skip == "dis" else model.discriminator
+    before = {n: copy.deepcopy(m.state_dict()) for n, m in (("net", net), ("other", other),
+                                                             ("enc", model.encoder))}
+    m = step(batch(debug_cfg))
+    assert (m.skip_dis, m.skip_dec) == ((1.0, 0.0) if skip == "dis" else (0.0, 1.0))
+
+    def changed(module, state):
+        return {k for k, v in module.state_dict().items()
+                if "running" not in k and "num_batches" not in k  # BN buffers move anyway
+                and not torch.equal(v, state[k])}
+    assert not changed(net, before["net"])
+    assert changed(other, before["other"]) and changed(model.encoder, before["enc"])
+
+
+def test_same_seed_same_parameters_after_three_steps(debug_cfg):
+    def run():
+        torch.manual_seed(1)
+        model, step = make(copy.deepcopy(debug_cfg))
+        for _ in range(3):
+            step(batch(debug_cfg))
+        return model
+
+    for a, b in zip(run().state_dict().values(), run().state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(("mode", "recipe"), [("vaegan", "paper"), ("vaegan", "reference"),
+                                              ("vae", "paper"), ("gan", "paper")])
+def test_five_full_steps_without_inplace_errors(debug_cfg, mode, recipe):
+    model, step = make(debug_cfg, mode=mode, recipe=recipe)
+    before = copy.deepcopy(model.state_dict())
+    for _ in range(5):
+        m = step(batch(debug_cfg))
+    assert step.step_count == 5 and all(v == v for v in m)  # no NaN in the breakdown
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_non_finite_loss_names_the_term_and_step(debug_cfg):
+    model, step = make(debug_cfg)
+    step(batch(debug_cfg))
+    before = copy.deepcopy(model.state_dict())
+    x = batch(debug_cfg)
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError, match=r"loss term kl_prior is nan at step 1"):
+        step(x)
+    for k, v in model.state_dict().items():
+        if "running" not in k and "num_batches" not in k:
+            assert torch.equal(v, before[k]), "no weight may change on a non-finite loss"
+
+
+def test_state_dict_round_trip_gives_the_identical_next_step(debug_cfg):
+    model, step = make(debug_cfg)
+    for _ in range(2):
+        step(batch(debug_cfg))
+    clone = copy.deepcopy(model)
+    clone_step = TrainStep.for_model(clone, debug_cfg)
+    clone_step.load_state_dict(copy.deepcopy(step.state_dict()))
+    x = batch(debug_cfg)
+    step(x)
+    clone_step(x)
+    for a, b in zip(model.state_dict().values(), clone.state_dict().values(), strict=True):
+        assert torch.equal(a, b)

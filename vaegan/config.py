@@ -1,0 +1,428 @@
+"""One typed config tree for everything: model, loss, optim, data, train, tracking.
+
+Defaults live in code; named presets (`debug`, `mnist32`, `celeba64`, `celeba64-reference`)
+are plain functions returning a `Config`. YAML files and `key=value` dotted overrides are
+accepted at the edge (`load_config`), and anything unknown or out of range is rejected
+with a `ConfigError` that names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config key or value that is not allowed; the message says which and what is."""
+
+
+def _choice(section: str, name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        allowed_s = " | ".join(str(a) for a in allowed)
+        raise ConfigError(f"{section}.{name}={value!r} is not allowed; choose one of: {allowed_s}")
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed; it must be {allowed}")
+
+
+@dataclass
+class ModelConfig:
+    image_size: int = 64
+    """Height = width of the images: 32, 64 or 128 (Table 1 is 64; other sizes add or
+    remove stride-2 stages so the bottleneck stays 8x8)."""
+    channels: int = 3
+    """1 (grey) or 3 (RGB)."""
+    latent_dim: int = 128
+    """Size of z."""
+    width: float = 1.0
+    """Multiplier on every conv and hidden FC width of Table 1 (0.125 for tiny debug nets)."""
+    enc_fc: int = 2048
+    """Encoder hidden FC width before the width multiplier (paper 2048, authors' code 1024)."""
+    dis_fc: int = 512
+    """Discriminator hidden FC width before the width multiplier."""
+    dis_layer: int = -1
+    """Which discriminator conv gives Dis_l (1-based; -1 = the last conv, which is the
+    paper's 4th conv at 64x64). Taken before that conv's BN and ReLU."""
+
+    def validate(self) -> None:
+        _choice("model", "image_size", self.image_size, (32, 64, 128))
+        _choice("model", "channels", self.channels, (1, 3))
+        _check(self.latent_dim >= 1, "model.latent_dim", self.latent_dim, "an integer >= 1")
+        _check(0 < self.width <= 8, "model.width", self.width, "a number in (0, 8]")
+        _check(self.enc_fc >= 1, "model.enc_fc", self.enc_fc, "an integer >= 1")
+        _check(self.dis_fc >= 1, "model.dis_fc", self.dis_fc, "an integer >= 1")
+        n_convs = 1 + int(math.log2(self.image_size // 8))
+        ok = self.dis_layer == -1 or 1 <= self.dis_layer <= n_convs
+        _check(ok, "model.dis_layer", self.dis_layer, f"-1 (last conv) or 1..{n_convs}")
+
+
+@dataclass
+class LossConfig:
+    mode: str = "vaegan"
+    """vaegan (the paper's model) | vae (pixel-wise Gaussian VAE baseline) | gan (no encoder)."""
+    recipe: str = "paper"
+    """paper (Algorithm 1) | reference (the authors' code: no x_tilde in the GAN loss, convex
+    decoder weight w, equilibrium rule)."""
+    gamma: float = 1e-2
+    """Weight of the Dis_l reconstruction term in the decoder's objective (content vs style);
+    recipe=paper only. What Ray Tune sweeps."""
+    w: float = 1e-6
+    """recipe=reference: the decoder's gradient is w * grad(L_llike) - (1 - w) * grad(L_GAN)."""
+    generator: str = "minimax"
+    """minimax (Dec ascends the BCE, as written in the paper) | nonsaturating (Dec descends
+    -log D(fake), the usual DCGAN practice; costs one extra input-gradient pass)."""
+    equilibrium: bool = False
+    """The authors' margin rule: skip the Dis or Dec update when the other is far ahead.
+    Always on for recipe=reference."""
+    equilibrium_target: float = 0.68
+    equilibrium_margin: float = 0.35
+
+    def validate(self) -> None:
+        _choice("loss", "mode", self.mode, ("vaegan", "vae", "gan"))
+        _choice("loss", "recipe", self.recipe, ("paper", "reference"))
+        _choice("loss", "generator", self.generator, ("minimax", "nonsaturating"))
+        _check(self.gamma >= 0 and math.isfinite(self.gamma), "loss.gamma", self.gamma,
+               "a finite number >= 0")
+        _check(0 <= self.w <= 1, "loss.w", self.w, "a number in [0, 1]")
+        _check(self.equilibrium_margin >= 0, "loss.equilibrium_margin",
+               self.equilibrium_margin, "a number >= 0")
+
+    @property
+    def use_equilibrium(self) -> bool:
+        return self.equilibrium or self.recipe == "reference"
+
+
+@dataclass
+class OptimConfig:
+    name: str = "rmsprop"
+    """rmsprop (the paper) | adam."""
+    lr: float = 3e-4
+    """Learning rate for all three networks (paper: 3e-4)."""
+    alpha: float = 0.9
+    """RMSProp smoothing constant (the authors' decay 0.9)."""
+    betas: tuple[float, float] = (0.5, 0.999)
+    """Adam betas (DCGAN practice)."""
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    """L2 weight decay (authors' code: 1e-5)."""
+    lr_final: float = 0.0
+    """If > 0, the lr is annealed geometrically from `lr` to `lr_final` over train.steps."""
+
+    def validate(self) -> None:
+        _choice("optim", "name", self.name, ("rmsprop", "adam"))
+        _check(self.lr > 0, "optim.lr", self.lr, "a number > 0")
+        _check(0 <= self.alpha < 1, "optim.alpha", self.alpha, "a number in [0, 1)")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
+               self.betas, "two numbers in [0, 1)")
+        _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "a number >= 0")
+        _check(self.lr_final >= 0, "optim.lr_final", self.lr_final, "a number >= 0")
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""
+    """URL or folder of the WebDataset shards (local path or s3://bucket/prefix), written by
+    `vaegan data prepare`. Empty: the preset's bundled data, prepared on first use."""
+    source: str = "mnist5k"
+    """What `make demo` and an empty `shards` prepare: mnist5k | synthetic-faces[:N] | ..."""
+    batch_size: int = 64
+    """Per-worker mini-batch size (paper: 64)."""
+    shuffle_buffer: int = 1000
+    """Samples held in the shuffle buffer of each loader."""
+    flip: bool = True
+    """Random horizontal flips (the authors' CelebA recipe). Off for digits."""
+    loader_workers: int = 1
+    """DataLoader worker processes per training worker."""
+    max_corrupt_fraction: float = 0.01
+    """Stop the run once more than this fraction of samples read was corrupt."""
+    s3_endpoint: str = ""
+    """S3 endpoint URL; empty: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL from the environment."""
+
+    def validate(self) -> None:
+        _check(self.batch_size >= 2, "data.batch_size", self.batch_size,
+               "an integer >= 2 (batch norm needs two samples)")
+        _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", self.shuffle_buffer,
+               "an integer >= 0")
+        _check(self.loader_workers >= 0, "data.loader_workers", self.loader_workers,
+               "an integer >= 0")
+        _check(0 <= self.max_corrupt_fraction <= 1, "data.max_corrupt_fraction",
+               self.max_corrupt_fraction, "a number in [0, 1]")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    """Optimizer steps (each updates Enc, Dec and Dis once)."""
+    num_workers: int = 2
+    """Ray Train workers (DDP ranks)."""
+    use_gpu: bool = False
+    """One GPU per worker; nccl backend."""
+    cpus_per_worker: float = 1.0
+    """Logical CPUs each worker asks Ray for (fractions let a sweep fit on 2 cores)."""
+    sync_bn: bool = False
+    """SyncBatchNorm across ranks (GPU only)."""
+    precision: str = "auto"
+    """auto | bf16 (autocast) | fp32. auto = bf16 on GPUs and on CPUs with native bf16
+    (AVX512-BF16 or AMX: ~2x faster), fp32 elsewhere (bf16 is emulated there, ~100x slower)."""
+    channels_last: bool = True
+    """NHWC memory layout (faster convolutions on CPU)."""
+    seed: int = 0
+    storage_path: str = ""
+    """Where checkpoints go: a folder or s3://bucket/prefix. Empty: ./runs (absolute)."""
+    name: str = "vaegan"
+    """The run name; a run started again with the same name resumes."""
+    log_every: int = 10
+    """Report metrics every N steps."""
+    checkpoint_every: int = 200
+    """Write a checkpoint every K steps (and at the end)."""
+    keep_checkpoints: int = 2
+    """Keep the last M checkpoints."""
+    image_every: int = 200
+    """Log sample and reconstruction grids every E steps."""
+    eval_every: int = 0
+    """Validation evaluation every V steps (0: off)."""
+    max_failures: int = 1
+    """Ray Train restarts of a failed worker group."""
+
+    def validate(self) -> None:
+        _check(self.steps >= 1, "train.steps", self.steps, "an integer >= 1")
+        _check(self.num_workers >= 1, "train.num_workers", self.num_workers, "an integer >= 1")
+        _check(self.cpus_per_worker > 0, "train.cpus_per_worker", self.cpus_per_worker,
+               "a number > 0")
+        _choice("train", "precision", self.precision, ("auto", "bf16", "fp32"))
+        for key in ("log_every", "checkpoint_every", "image_every", "keep_checkpoints"):
+            value = getattr(self, key)
+            _check(value >= 1, f"train.{key}", value, "an integer >= 1")
+        _check(self.eval_every >= 0, "train.eval_every", self.eval_every, "an integer >= 0")
+        _check(self.max_failures >= 0, "train.max_failures", self.max_failures,
+               "an integer >= 0")
+        _check(bool(self.name) and "/" not in self.name, "train.name", self.name,
+               "a non-empty name without '/'")
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: str = ""
+    """MLflow tracking URI; empty: $MLFLOW_TRACKING_URI, else SQLite under ./mlruns."""
+    experiment: str = "vaegan"
+    model_name: str = "vaegan"
+    """Registered model name in the MLflow Model Registry."""
+    log_checkpoints: bool = True
+    """Log each checkpoint's weights as an MLflow model linked to its step."""
+
+    def validate(self) -> None:
+        _check(bool(self.experiment), "tracking.experiment", self.experiment, "non-empty")
+        _check(bool(self.model_name), "tracking.model_name", self.model_name, "non-empty")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self) -> Config:
+        for section in dataclasses.fields(self):
+            getattr(self, section.name).validate()
+        if self.train.sync_bn and not self.train.use_gpu:
+            raise ConfigError("train.sync_bn=true needs train.use_gpu=true (SyncBatchNorm is GPU only)")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """{'model.image_size': 64, ...}: MLflow params, `config show`, overrides."""
+        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        d = self.to_dict()
+        d["optim"]["betas"] = list(d["optim"]["betas"])
+        return yaml.safe_dump(d, sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------
+# Presets: plain functions, so a preset is read (and diffed) like code.
+
+
+def celeba64() -> Config:
+    """The paper's settings: CelebA 64x64 RGB, Table 1 networks, RMSProp 3e-4, batch 64."""
+    return Config(
+        model=ModelConfig(image_size=64, channels=3, latent_dim=128),
+        data=DataConfig(source="synthetic-faces", flip=True),
+        train=TrainConfig(steps=62_500, name="celeba64"),
+        tracking=TrackingConfig(model_name="vaegan-celeba64"),
+    )
+
+
+def celeba64_reference() -> Config:
+    """The authors' code (andersbll/autoencoding_beyond_pixels), see PAPER.md."""
+    cfg = celeba64()
+    cfg.model.enc_fc = 1024
+    cfg.loss = LossConfig(recipe="reference", w=1e-6, equilibrium=True)
+    cfg.optim = OptimConfig(name="rmsprop", lr=0.025 / 64, alpha=0.9, weight_decay=1e-5,
+                            lr_final=1e-7)
+    cfg.train.name = "celeba64-reference"
+    return cfg
+
+
+def mnist32() -> Config:
+    """1-channel 32x32 digits (mnist5k): what `make demo` trains."""
+    return Config(
+        model=ModelConfig(image_size=32, channels=1, latent_dim=32, width=0.5),
+        loss=LossConfig(gamma=1e-2),
+        optim=OptimConfig(name="adam", lr=2e-4),
+        data=DataConfig(source="mnist5k", flip=False, batch_size=64),
+        train=TrainConfig(steps=1500, name="mnist32", checkpoint_every=500, image_every=250),
+        tracking=TrackingConfig(model_name="vaegan-mnist32"),
+    )
+
+
+def debug() -> Config:
+    """Tiny everything: a step in a few milliseconds on CPU. The smoke-test preset."""
+    return Config(
+        model=ModelConfig(image_size=32, channels=1, latent_dim=8, width=0.125, enc_fc=64,
+                          dis_fc=32),
+        data=DataConfig(source="mnist5k", flip=False, batch_size=8, shuffle_buffer=64),
+        train=TrainConfig(steps=20, name="debug", log_every=5, checkpoint_every=10,
+                          image_every=10, cpus_per_worker=0.5),
+        tracking=TrackingConfig(model_name="vaegan-debug"),
+    )
+
+
+PRESETS = {
+    "debug": debug,
+    "mnist32": mnist32,
+    "celeba64": celeba64,
+    "celeba64-reference": celeba64_reference,
+}
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+# ---------------------------------------------------------------------------------------
+# Overrides: YAML files and key=value arguments, typed against the dataclasses.
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Convert a YAML-parsed value to the field's type, or say what the key takes."""
+    hint = typing.get_origin(annotation) or annotation
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} is not allowed; it must be true or false")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}={value!r} is not allowed; it must be an integer")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}={value!r} is not allowed; it must be a number")
+    if annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}={value!r} is not allowed; it must be a string")
+    if hint is tuple:
+        args = typing.get_args(annotation)
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            return tuple(_coerce(key, v, a) for v, a in zip(value, args, strict=True))
+        raise ConfigError(f"{key}={value!r} is not allowed; it must be a list of {len(args)}")
+    raise ConfigError(f"{key}: unsupported type {annotation}")  # pragma: no cover
+
+
+def _section_types(section_cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(section_cls)
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """Set dotted keys ('loss.gamma': 0.1) on cfg; unknown keys are rejected by name."""
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        if section not in sections or not name:
+            raise ConfigError(
+                f"unknown config key {key!r}; keys look like SECTION.NAME with SECTION one of: "
+                f"{', '.join(sections)}")
+        obj = getattr(cfg, section)
+        types_ = _section_types(type(obj))
+        if name not in types_:
+            raise ConfigError(
+                f"unknown config key {key!r}; {section} has: {', '.join(types_)}")
+        setattr(obj, name, _coerce(key, value, types_[name]))
+    return cfg
+
+
+def parse_kv(items: list[str]) -> dict[str, Any]:
+    """['loss.gamma=0.1', 'train.name=x'] -> {'loss.gamma': 0.1, 'train.name': 'x'} (YAML values)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. loss.gamma=0.1)")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+    return out
+
+
+def _flatten_yaml(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        raise ConfigError(f"config file: {prefix or 'top level'} must be a mapping")
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten_yaml(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def load_config(preset_name: str = "debug", yaml_path: str | Path | None = None,
+                overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """preset -> YAML file -> key=value overrides, then validate. The single way in."""
+    import yaml
+
+    cfg = preset(preset_name)
+    if yaml_path:
+        path = Path(yaml_path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        apply_overrides(cfg, _flatten_yaml(yaml.safe_load(path.read_text()) or {}))
+    if overrides:
+        kv = parse_kv(overrides) if isinstance(overrides, list) else overrides
+        apply_overrides(cfg, kv)
+    return cfg.validate()
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    """Inverse of `Config.to_dict` (checkpoints and registered models store that dict)."""
+    return apply_overrides(Config(), _flatten_yaml(d)).validate()
+
+
+__all__ = [
+    "Config", "ConfigError", "DataConfig", "LossConfig", "ModelConfig", "OptimConfig",
+    "TrackingConfig", "TrainConfig", "PRESETS", "preset", "load_config", "config_from_dict",
+    "apply_overrides", "parse_kv",
+]

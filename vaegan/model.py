@@ -1,0 +1,210 @@
+"""The VAE/GAN networks of Larsen et al. 2016, Table 1 (all convs 5x5; BN = batch norm).
+
+    Enc(x) -> (mu, log_var)        z = mu + exp(log_var / 2) * eps,  eps ~ N(0, I)
+    Dec(z) -> x_tilde              also the GAN generator: x_p = Dec(z_p), z_p ~ N(0, I)
+    Dis(x) -> (logit, Dis_l(x))    Dis_l = a hidden conv's output, before its BN and ReLU
+
+At 64x64 (the paper) every network has three stride-2 stages and an 8x8 bottleneck; at
+32x32 one stage is removed and at 128x128 one is added, so the bottleneck stays 8x8 and
+Dis_l keeps its paper meaning (the last conv: the 4th at 64x64). Single device; no Ray,
+MLflow or torch.distributed here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vaegan.config import ModelConfig
+
+# Channels of the stride-2 stages per image size; the 64 rows are Table 1 exactly.
+ENC_CHANNELS = {32: [128, 256], 64: [64, 128, 256], 128: [32, 64, 128, 256]}
+DEC_CHANNELS = {32: [256, 64], 64: [256, 128, 32], 128: [256, 128, 64, 32]}
+DIS_CHANNELS = {32: [128, 256], 64: [128, 256, 256], 128: [64, 128, 256, 256]}
+DIS_FIRST = 32  # the stride-1 conv that opens Dis (no BN)
+BOTTLENECK = 8  # spatial size after the stride-2 stages
+LOG_VAR_RANGE = (-30.0, 20.0)  # exp(log_var) stays finite in fp32 and bf16
+
+
+def _w(c: int, width: float) -> int:
+    return max(1, round(c * width))
+
+
+def conv(cin: int, cout: int, stride: int) -> nn.Conv2d:
+    # 5x5 everywhere (Table 1); padding 2 so stride 2 exactly halves the size. No bias
+    # where a BN follows would be tidier, but Table 1 does not say, and the bias is cheap.
+    return nn.Conv2d(cin, cout, 5, stride=stride, padding=2)
+
+
+def deconv(cin: int, cout: int) -> nn.ConvTranspose2d:
+    # 5x5, stride 2, exactly doubles the size.
+    return nn.ConvTranspose2d(cin, cout, 5, stride=2, padding=2, output_padding=1)
+
+
+def conv_bn_relu(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(conv(cin, cout, stride), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class Encoder(nn.Module):
+    """x (B, C, H, W) in [-1, 1] -> mu, log_var (B, latent_dim)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        chans = [_w(c, cfg.width) for c in ENC_CHANNELS[cfg.image_size]]
+        layers, cin = [], cfg.channels
+        for c in chans:  # conv s2, BN, ReLU per stage
+            layers.append(conv_bn_relu(cin, c, 2))
+            cin = c
+        self.convs = nn.Sequential(*layers)
+        fc = _w(cfg.enc_fc, cfg.width)
+        self.fc = nn.Sequential(  # FC 2048, BN, ReLU
+            nn.Flatten(), nn.Linear(cin * BOTTLENECK**2, fc), nn.BatchNorm1d(fc), nn.ReLU(True))
+        self.mu = nn.Linear(fc, cfg.latent_dim)
+        self.log_var = nn.Linear(fc, cfg.latent_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.fc(self.convs(x))  # (B, enc_fc)
+        # Clamped: exp(log_var) overflowing to inf is the classic VAE NaN (PAPER.md pitfalls).
+        return self.mu(h), self.log_var(h).clamp(*LOG_VAR_RANGE)
+
+
+class Decoder(nn.Module):
+    """z (B, latent_dim) -> image (B, C, H, W) in [-1, 1] (tanh). Also the GAN generator."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        chans = [_w(c, cfg.width) for c in DEC_CHANNELS[cfg.image_size]]
+        self.c0 = _w(256, cfg.width)
+        self.fc = nn.Sequential(  # FC 8*8*256, BN, ReLU
+            nn.Linear(cfg.latent_dim, self.c0 * BOTTLENECK**2),
+            nn.BatchNorm1d(self.c0 * BOTTLENECK**2), nn.ReLU(True))
+        layers, cin = [], self.c0
+        for c in chans:  # deconv s2, BN, ReLU per stage
+            layers += [deconv(cin, c), nn.BatchNorm2d(c), nn.ReLU(True)]
+            cin = c
+        self.deconvs = nn.Sequential(*layers)
+        self.out = conv(cin, cfg.channels, 1)  # conv 3 (or 1), tanh
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.fc(z).view(z.shape[0], self.c0, BOTTLENECK, BOTTLENECK)  # (B, 256, 8, 8)
+        return torch.tanh(self.out(self.deconvs(h)))
+
+
+class Discriminator(nn.Module):
+    """x (B, C, H, W) -> (logit (B,), Dis_l(x) (B, c_l, h_l, w_l)).
+
+    Returns the logit, not the sigmoid: BCE-with-logits is the numerically stable form of
+    log Dis(x) and log(1 - Dis(x)).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        chans = [_w(c, cfg.width) for c in DIS_CHANNELS[cfg.image_size]]
+        first = _w(DIS_FIRST, cfg.width)
+        # convs[i] is the (i+1)-th conv; post[i] is what follows it (BN? then ReLU).
+        self.convs = nn.ModuleList([conv(cfg.channels, first, 1)])
+        self.post = nn.ModuleList([nn.ReLU()])  # conv 32, ReLU (no BN on the first layer)
+        cin = first
+        for c in chans:
+            self.convs.append(conv(cin, c, 2))
+            self.post.append(nn.Sequential(nn.BatchNorm2d(c), nn.ReLU()))
+            cin = c
+        n = len(self.convs)
+        self.dis_layer = n if cfg.dis_layer == -1 else cfg.dis_layer  # 1-based
+        fc = _w(cfg.dis_fc, cfg.width)
+        self.fc = nn.Sequential(  # FC 512, BN, ReLU; FC 1 (sigmoid folded into the loss)
+            nn.Flatten(), nn.Linear(cin * BOTTLENECK**2, fc), nn.BatchNorm1d(fc), nn.ReLU(),
+            nn.Linear(fc, 1))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h, feats = x, None
+        for i, (conv_, post) in enumerate(zip(self.convs, self.post, strict=True), start=1):
+            h = conv_(h)
+            if i == self.dis_layer:
+                feats = h  # Dis_l: this conv's output, before its BN and ReLU
+            h = post(h)
+        return self.fc(h).squeeze(1), feats
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Dis_l(x) alone, running only the first l layers."""
+        h = x
+        for i, (conv_, post) in enumerate(zip(self.convs, self.post, strict=True), start=1):
+            h = conv_(h)
+            if i == self.dis_layer:
+                return h
+            h = post(h)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+def init_weights(module: nn.Module) -> None:
+    """DCGAN initialisation (Radford et al. 2016): N(0, 0.02) weights, BN scale N(1, 0.02)."""
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
+def reparameterize(mu: torch.Tensor, log_var: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """z = mu + sigma * eps (Kingma & Welling 2014), sigma = exp(log_var / 2)."""
+    return mu + torch.exp(0.5 * log_var) * eps
+
+
+class VAEGAN(nn.Module):
+    """The three networks, plus the inference-side methods users call."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.discriminator = Discriminator(cfg)
+        self.apply(init_weights)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def check_images(self, x: torch.Tensor) -> None:
+        c, s = self.cfg.channels, self.cfg.image_size
+        if x.ndim != 4 or x.shape[1:] != (c, s, s):
+            raise ValueError(f"images must have shape (B, {c}, {s}, {s}); got {tuple(x.shape)}")
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images in [-1, 1] -> (mu, log_var), each (B, latent_dim)."""
+        self.check_images(x)
+        return self.encoder(x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, latent_dim) -> images in [-1, 1]."""
+        if z.ndim != 2 or z.shape[1] != self.cfg.latent_dim:
+            raise ValueError(f"z must have shape (B, {self.cfg.latent_dim}); got {tuple(z.shape)}")
+        return self.decoder(z)
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n images from the prior: Dec(z_p), z_p ~ N(0, I)."""
+        z = torch.randn(n, self.cfg.latent_dim, generator=generator, device=self.device)
+        return self.decode(z)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Dec(mu(x)): the posterior mean decoded (the usual deterministic reconstruction)."""
+        mu, _ = self.encode(x)
+        return self.decode(mu)
+
+
+def param_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def dis_l_shape(cfg: ModelConfig) -> tuple[int, int, int]:
+    """(channels, height, width) of Dis_l for a config (the paper: 256 x 8 x 8 at 64x64)."""
+    n_convs = 1 + len(DIS_CHANNELS[cfg.image_size])
+    layer = n_convs if cfg.dis_layer == -1 else cfg.dis_layer
+    if layer == 1:
+        return _w(DIS_FIRST, cfg.width), cfg.image_size, cfg.image_size
+    size = cfg.image_size // 2 ** (layer - 1)
+    return _w(DIS_CHANNELS[cfg.image_size][layer - 2], cfg.width), size, size
+

@@ -1,0 +1,287 @@
+"""Algorithm 1 of Larsen et al. 2016: one training step, with its gradient routing.
+
+    X  <- mini-batch;  Z <- Enc(X);  L_prior <- KL(q(Z|X) || p(Z))
+    X~ <- Dec(Z);      L_llike <- -E_q[log p(Dis_l(X) | Z)]
+    Zp <- N(0, I);     Xp <- Dec(Zp)
+    L_GAN <- log Dis(X) + log(1 - Dis(X~)) + log(1 - Dis(Xp))
+    theta_Enc <- theta_Enc - grad_Enc (L_prior + L_llike)
+    theta_Dec <- theta_Dec - grad_Dec (gamma * L_llike - L_GAN)
+    theta_Dis <- theta_Dis - grad_Dis (L_GAN)              # Dis descends the BCE
+
+All three gradients are taken at the same parameter values, then the three optimizers
+step, exactly as written. The step is computed with little waste (PAPER.md, "An efficient
+step"): each network runs one forward; the decoder output and the discriminator input are
+cut into leaves so that different gradients can be routed into each network:
+
+    Dis  forward over [x; x~; x_p]             -> logits, Dis_l
+    Dis  input-grad of L_llike (first l layers) -> g_ll at [x~; x_p]   (Dis weights: nothing)
+    Dis  backward of L_GAN                      -> Dis grads, g_gan at [x~; x_p]  (one pass)
+    Dec  backward of a*g_ll - b*g_gan           -> Dec grads  (a, b = gamma, 1 or w, 1-w)
+    Dec  input-grad of g_ll                     -> g_z        (no GAN part reaches Enc)
+    Enc  backward of L_prior + <z, g_z>         -> Enc grads
+
+Batch norm over a concatenated batch couples its samples, so g_ll also has an x_p part and
+g_gan an x~ part; both are routed. Single device: no Ray, MLflow or torch.distributed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from vaegan.config import Config, OptimConfig
+from vaegan.losses import (
+    StepMetrics,
+    equilibrium,
+    gan_bce,
+    generator_nonsaturating,
+    kl_prior,
+    llike_dis_l,
+    llike_pixel,
+)
+from vaegan.model import VAEGAN, reparameterize
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or inf; raised before any weight is touched."""
+
+
+def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
+    if cfg.name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps,
+                                   weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                            weight_decay=cfg.weight_decay)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """True where bf16 matmuls run in hardware: CUDA, or a CPU with AVX512-BF16 / AMX.
+    Elsewhere (e.g. AVX2-only CPUs) bf16 is emulated and far slower than fp32."""
+    if device.type == "cuda":
+        return True
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
+def _params(module: nn.Module) -> list[torch.Tensor]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+class TrainStep:
+    """Owns the three optimizers and runs Algorithm 1 on a batch.
+
+    The networks may be wrapped (DDP) by the caller; the step only calls them. Under DDP,
+    `mean_across_ranks` averages the equilibrium costs so every rank takes the same
+    decision (and runs the same backward passes, which DDP requires).
+    """
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, discriminator: nn.Module,
+                 cfg: Config, device: torch.device | str = "cpu",
+                 mean_across_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.enc, self.dec, self.dis = encoder, decoder, discriminator
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.opt_enc = make_optimizer(_params(encoder), cfg.optim)
+        self.opt_dec = make_optimizer(_params(decoder), cfg.optim)
+        self.opt_dis = make_optimizer(_params(discriminator), cfg.optim)
+        self.generator = torch.Generator(self.device).manual_seed(cfg.train.seed)
+        self.mean_across_ranks = mean_across_ranks or (lambda t: t)
+        self.precision = resolve_precision(cfg.train.precision, self.device)
+        self.step_count = 0
+
+    @classmethod
+    def for_model(cls, model: VAEGAN, cfg: Config, **kw) -> TrainStep:
+        return cls(model.encoder, model.decoder, model.discriminator, cfg, model.device, **kw)
+
+    @property
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"encoder": self.opt_enc, "decoder": self.opt_dec, "discriminator": self.opt_dis}
+
+    # -- the step ------------------------------------------------------------------------
+
+    def __call__(self, x: torch.Tensor,
+                 noise: tuple[torch.Tensor, torch.Tensor] | None = None) -> StepMetrics:
+        """One step of Algorithm 1 on images x (B, C, H, W) in [-1, 1]."""
+        self._set_lr()
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        metrics = self.compute_gradients(x, noise)
+        mode = self.cfg.loss.mode
+        if mode != "gan":
+            self.opt_enc.step()  # theta_Enc <- theta_Enc - grad_Enc (L_prior + L_llike)
+        if not metrics.skip_dec:
+            self.opt_dec.step()  # theta_Dec <- theta_Dec - grad_Dec (gamma L_llike - L_GAN)
+        if mode != "vae" and not metrics.skip_dis:
+            self.opt_dis.step()  # theta_Dis <- theta_Dis - grad_Dis (L_GAN)
+        self.step_count += 1
+        return metrics
+
+    def compute_gradients(self, x: torch.Tensor,
+                          noise: tuple[torch.Tensor, torch.Tensor] | None = None) -> StepMetrics:
+        """Fill each network's .grad with the gradient of its own objective; step nothing."""
+        b = x.shape[0]
+        if noise is None:
+            latent = self.cfg.model.latent_dim
+            noise = tuple(torch.randn(b, latent, generator=self.generator, device=self.device)
+                          for _ in range(2))
+        eps, z_p = noise
+        return {"vaegan": self._vaegan, "vae": self._vae, "gan": self._gan}[self.cfg.loss.mode](
+            x, eps, z_p)
+
+    def _autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _vaegan(self, x: torch.Tensor, eps: torch.Tensor, z_p: torch.Tensor) -> StepMetrics:
+        L, b = self.cfg.loss, x.shape[0]
+        with self._autocast():
+            mu, log_var = self.enc(x)
+            z = reparameterize(mu.float(), log_var.float(), eps)
+            # Gradient stop: Dec's backward reaches Enc only through g_z, routed below, so
+            # the GAN loss can never update the encoder.
+            z_in = torch.cat([z, z_p]).detach().requires_grad_()
+            fake = self.dec(z_in)  # [x~; x_p], (2B, C, H, W): one Dec forward
+            # Gradient stop: Dis's backward ends at its input, so Dec can be sent a gradient
+            # of its own (a*g_ll - b*g_gan) rather than Dis's.
+            fake_in = fake.detach().requires_grad_()
+            logits, feats = self.dis(torch.cat([x, fake_in]))  # one Dis forward, (3B,)
+        logit_real, logit_recon, logit_prior = logits.split(b)
+        feats_real, feats_recon, _ = feats.split(b)
+        kl = kl_prior(mu.float(), log_var.float())
+        # Dis_l(x) is the target of the Gaussian observation model: a constant for the
+        # step, so no gradient flows through it.
+        ll = llike_dis_l(feats_real.detach(), feats_recon)
+        # recipe=reference: the authors' Dis loss leaves x~ out.
+        gan = gan_bce(logit_real, logit_recon if L.recipe == "paper" else None, logit_prior)
+        metrics = self._metrics(kl, ll, torch.zeros(()), gan, logit_real, logit_recon,
+                                logit_prior)
+
+        # (1) L_llike -> gradient at the fakes through Dis's first l layers only. Dis's
+        #     weights receive nothing: Dis_l is a fixed metric for the VAE terms.
+        (g_ll,) = torch.autograd.grad(ll, fake_in, retain_graph=True)
+        # (2) L_GAN -> Dis's weights (descend the BCE) and the BCE's gradient at the fakes,
+        #     in one traversal of Dis.
+        ns = L.generator == "nonsaturating"
+        torch.autograd.backward(gan, inputs=[*_params(self.dis), fake_in], retain_graph=ns)
+        if ns:  # Dec descends -log Dis(fake) over the fakes the GAN loss uses
+            fakes = torch.cat([logit_recon, logit_prior]) if L.recipe == "paper" else logit_prior
+            (g_adv,) = torch.autograd.grad(generator_nonsaturating(fakes), fake_in)
+        else:  # minimax: Dec ascends the BCE, i.e. minus Dis's gradient at the fakes
+            g_adv = -fake_in.grad
+        a, c = (L.gamma, 1.0) if L.recipe == "paper" else (L.w, 1.0 - L.w)
+        # (3) Dec: gamma * grad L_llike - grad L_GAN (recipe=reference: w and 1 - w).
+        torch.autograd.backward(fake, a * g_ll + c * g_adv, inputs=_params(self.dec),
+                                retain_graph=True)
+        # (4) Enc: grad (L_prior + L_llike). g_ll goes back through Dec to z (input gradient
+        #     only; Dec's weights are done), then through the reparameterisation into Enc.
+        (g_z,) = torch.autograd.grad(fake, z_in, g_ll)
+        torch.autograd.backward([kl, z], [torch.ones_like(kl), g_z[:b]],
+                                inputs=_params(self.enc))
+        return metrics
+
+    def _vae(self, x: torch.Tensor, eps: torch.Tensor, z_p: torch.Tensor) -> StepMetrics:
+        """The paper's baseline: a VAE with a pixel-wise Gaussian error; Enc and Dec both
+        descend L_prior + L_llike^pixel. Dis is not used."""
+        with self._autocast():
+            mu, log_var = self.enc(x)
+            x_recon = self.dec(reparameterize(mu.float(), log_var.float(), eps))
+        kl = kl_prior(mu.float(), log_var.float())
+        ll = llike_pixel(x, x_recon)
+        zero = torch.zeros(())
+        metrics = self._metrics(kl, zero, ll, zero, None, None, None)
+        (kl + ll).backward()
+        return metrics
+
+    def _gan(self, x: torch.Tensor, eps: torch.Tensor, z_p: torch.Tensor) -> StepMetrics:
+        """The paper's GAN baseline: no encoder; Dis on [x; x_p]."""
+        L, b = self.cfg.loss, x.shape[0]
+        with self._autocast():
+            x_p = self.dec(z_p)
+            fake_in = x_p.detach().requires_grad_()  # gradient stop: Dec gets g_adv below
+            logits, _ = self.dis(torch.cat([x, fake_in]))
+        logit_real, logit_prior = logits.split(b)
+        gan = gan_bce(logit_real, None, logit_prior)
+        zero = torch.zeros(())
+        metrics = self._metrics(zero, zero, zero, gan, logit_real, None, logit_prior)
+        ns = L.generator == "nonsaturating"
+        torch.autograd.backward(gan, inputs=[*_params(self.dis), fake_in], retain_graph=ns)
+        if ns:
+            (g_adv,) = torch.autograd.grad(generator_nonsaturating(logit_prior), fake_in)
+        else:
+            g_adv = -fake_in.grad
+        torch.autograd.backward(x_p, g_adv, inputs=_params(self.dec))
+        return metrics
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _metrics(self, kl, ll_dis, ll_pix, gan, logit_real, logit_recon,
+                 logit_prior) -> StepMetrics:
+        """All scalars in one host sync; raises on a non-finite term; applies the
+        equilibrium rule (on costs averaged across ranks, so all ranks agree)."""
+        def d(logit):  # mean Dis(.) = mean sigmoid(logit)
+            return torch.sigmoid(logit.detach().float()).mean() if logit is not None else zero
+
+        zero = torch.zeros((), device=kl.device)
+        bce = torch.nn.functional.binary_cross_entropy_with_logits
+        costs = torch.stack([  # real_cost = mean -log Dis(x); fake_cost = mean -log(1-Dis(x_p))
+            bce(logit_real.detach().float(), torch.ones_like(logit_real, dtype=torch.float32))
+            if logit_real is not None else zero,
+            bce(logit_prior.detach().float(), torch.zeros_like(logit_prior, dtype=torch.float32))
+            if logit_prior is not None else zero,
+        ])
+        terms = torch.stack([t.detach().float() for t in (kl, ll_dis, ll_pix, gan)])
+        scalars = torch.cat([terms, torch.stack([d(logit_real), d(logit_recon), d(logit_prior)]),
+                             self.mean_across_ranks(costs)]).tolist()
+        kl_, ll_dis_, ll_pix_, gan_, d_real, d_recon, d_prior, real_cost, fake_cost = scalars
+        for name, value in (("kl_prior", kl_), ("llike_dis_l", ll_dis_),
+                            ("llike_pixel", ll_pix_), ("gan_bce", gan_)):
+            if not math.isfinite(value):
+                raise NonFiniteLossError(
+                    f"loss term {name} is {value} at step {self.step_count} "
+                    "(try a lower optim.lr, or loss.gamma; no weights were updated)")
+        skip_dis = skip_dec = False
+        L = self.cfg.loss
+        if L.use_equilibrium and L.mode != "vae":
+            skip_dis, skip_dec = equilibrium(real_cost, fake_cost, L.equilibrium_target,
+                                             L.equilibrium_margin)
+        return StepMetrics(loss=kl_ + ll_dis_ + ll_pix_ + gan_, kl_prior=kl_,
+                           llike_dis_l=ll_dis_, llike_pixel=ll_pix_, gan_bce=gan_,
+                           d_real=d_real, d_recon=d_recon, d_prior=d_prior,
+                           skip_dis=float(skip_dis), skip_dec=float(skip_dec))
+
+    def _set_lr(self) -> None:
+        """Geometric anneal from optim.lr to optim.lr_final over train.steps (if set)."""
+        o = self.cfg.optim
+        if o.lr_final <= 0:
+            return
+        frac = min(1.0, self.step_count / max(1, self.cfg.train.steps))
+        lr = o.lr * (o.lr_final / o.lr) ** frac
+        for opt in self.optimizers.values():
+            for group in opt.param_groups:
+                group["lr"] = lr
+
+    # -- state ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"step": self.step_count, "generator": self.generator.get_state(),
+                **{f"opt_{k}": v.state_dict() for k, v in self.optimizers.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = int(state["step"])
+        self.generator.set_state(state["generator"])
+        for k, opt in self.optimizers.items():
+            opt.load_state_dict(state[f"opt_{k}"])
