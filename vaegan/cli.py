@@ -1,6 +1,14 @@
 """The `vaegan` command. It parses arguments, then calls the library; nothing else.
 
     vaegan config show PRESET [key=value ...] [--config YAML] [--params]
+    vaegan train [--preset P] [--config YAML] [key=value ...]
+    vaegan demo
+    vaegan eval CHECKPOINT --shards URL --featurizer DIR|inception [-n N] [--json OUT]
+    vaegan eval train-featurizer --shards URL --label-key KEY --out DIR [--steps N]
+    vaegan data prepare --source SRC --out DEST [--image-size N] [--channels C] [--shard-size N]
+                        [--format png|jpg] [--seed S] [--val-fraction F] [--s3-endpoint URL]
+    vaegan data check --shards URL
+    vaegan bench data --shards URL [--workers N] [--batches N] [--batch-size B]
 """
 
 from __future__ import annotations
@@ -9,6 +17,10 @@ import argparse
 import sys
 
 from vaegan.config import PRESETS, ConfigError, load_config
+
+# Errors that are the user's input, printed as one line without a traceback. Modules add
+# their own error classes here when the command that raises them is registered.
+USER_ERRORS: list[type[Exception]] = [ConfigError]
 
 
 def _config_show(args: argparse.Namespace) -> None:
@@ -26,21 +38,207 @@ def _config_show(args: argparse.Namespace) -> None:
         print(f"# Dis_l: {c} x {h} x {w} = {c * h * w:,} features")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="vaegan", description="Train and use VAE/GAN models (Larsen et al. 2016).")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_config(sub) -> None:
     config = sub.add_parser("config", help="inspect configs and presets")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     show = config_sub.add_parser("show", help="print a preset's resolved config as YAML")
     show.add_argument("preset", help=f"one of: {', '.join(PRESETS)}")
-    show.add_argument("overrides", nargs="*", metavar="key=value",
-                      help="dotted overrides, e.g. loss.gamma=0.1")
-    show.add_argument("--config", help="a YAML file applied before the overrides")
+    _add_overrides(show)
     show.add_argument("--params", action="store_true",
                       help="also print the parameter count of each network")
     show.set_defaults(func=_config_show)
+
+
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides, e.g. loss.gamma=0.1 train.steps=500")
+    parser.add_argument("--config", help="a YAML file applied before the overrides")
+
+
+def _train(args: argparse.Namespace) -> None:
+    from vaegan.train import main_train
+
+    main_train(load_config(args.preset, args.config, args.overrides))
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from vaegan.demo import run_demo
+
+    run_demo()
+
+
+def _add_train(sub) -> None:
+    from vaegan import train  # noqa: F401  (registers nothing; fails early if Ray is missing)
+
+    USER_ERRORS.append(train.TrainError)
+    from vaegan.tracking import TrackingError
+
+    USER_ERRORS.append(TrackingError)
+    p = sub.add_parser("train", help="train on Ray (RAY_ADDRESS, or a local Ray)")
+    p.add_argument("--preset", default="debug", help=f"one of: {', '.join(PRESETS)} (default debug)")
+    _add_overrides(p)
+    p.set_defaults(func=_train)
+    d = sub.add_parser("demo", help="the embedded demo: mnist5k, 2 local workers, local MLflow")
+    d.set_defaults(func=_demo)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    """`vaegan eval CHECKPOINT ...` or `vaegan eval train-featurizer ...` (one parser for both,
+    since argparse cannot mix a positional path with sub-commands)."""
+    from vaegan.evaluate import EvalError
+
+    def need(*flags: str) -> None:
+        missing = [f for f in flags if getattr(args, f.lstrip("-").replace("-", "_")) is None]
+        if missing:
+            raise EvalError(f"vaegan eval {args.target}: missing {', '.join(missing)}")
+
+    if args.target == "train-featurizer":
+        from vaegan.featurizer import STEPS, train_featurizer
+
+        need("--shards", "--label-key", "--out")
+        f = train_featurizer(args.shards, args.label_key, args.out, steps=args.steps or STEPS,
+                             batch_size=args.batch_size, seed=args.seed, kind=args.kind, log=print)
+        m = f.meta
+        print(f"featurizer ({m.kind}, {len(m.labels)} outputs) -> {args.out}: val accuracy "
+              f"{m.val_accuracy:.4f} on {m.val_images} images, trained {m.train_seconds:.1f} s")
+        return
+    from vaegan.evaluate import format_report, run_eval, write_report
+
+    need("--shards", "--featurizer")
+    report = run_eval(args.target, args.shards, args.featurizer, n=args.n, split=args.split,
+                      seed=args.seed, inception_weights=args.inception_weights, device=args.device)
+    print(format_report(report))
+    if args.json:
+        write_report(report, args.json)
+
+
+def _add_eval(sub) -> None:
+    from vaegan.data import DataError
+    from vaegan.evaluate import EVAL_SPLIT, FID_N, EvalError
+
+    USER_ERRORS.extend(e for e in (EvalError, DataError) if e not in USER_ERRORS)
+    p = sub.add_parser(
+        "eval", help="FID and reconstruction metrics of a checkpoint; train a featurizer",
+        usage="vaegan eval CHECKPOINT --shards URL --featurizer DIR|inception [-n N] [--json OUT]\n"
+              "       vaegan eval train-featurizer --shards URL --label-key KEY --out DIR [--steps N]",
+        description="The FID protocol is documented in vaegan/evaluate.py.")
+    p.add_argument("target", metavar="CHECKPOINT|train-featurizer",
+                   help="a checkpoint directory (or a {config, model} file), or train-featurizer")
+    p.add_argument("--shards", help="the data's shards (URL or folder), as written by the data layer")
+    p.add_argument("--seed", type=int, default=0, help="prior-sample / featurizer seed (default 0)")
+    e = p.add_argument_group("evaluate a checkpoint")
+    e.add_argument("--featurizer", help="a featurizer directory, or 'inception' (local weights only)")
+    e.add_argument("--inception-weights", help="torchvision inception_v3_google-*.pth (default: the "
+                   "torch hub cache)")
+    e.add_argument("-n", type=int, default=FID_N, help=f"images per FID (default {FID_N}, or the split)")
+    e.add_argument("--split", default=EVAL_SPLIT, help=f"held-out split (default {EVAL_SPLIT})")
+    e.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default auto)")
+    e.add_argument("--json", help="also write the report to this JSON file")
+    t = p.add_argument_group("train-featurizer")
+    t.add_argument("--label-key", help="an attribute (e.g. digit), several joined by ',', or 'all'")
+    t.add_argument("--out", help="the featurizer directory to write")
+    t.add_argument("--steps", type=int, help="training steps (default 500)")
+    t.add_argument("--batch-size", type=int, default=64, help="default 64")
+    t.add_argument("--kind", default="auto", choices=["auto", "softmax", "multilabel"],
+                   help="auto: softmax for one integer label, multilabel for binary attributes")
+    p.set_defaults(func=_eval)
+
+
+def _data_prepare(args: argparse.Namespace) -> None:
+    import warnings
+
+    from vaegan.data import prepare
+
+    def show(message, category, *_args, **_kw):  # one line per warning, like the errors
+        print(f"vaegan: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        m = prepare(args.source, args.out, image_size=args.image_size, channels=args.channels,
+                    shard_size=args.shard_size, image_format=args.format, seed=args.seed,
+                    val_fraction=args.val_fraction, progress=not args.quiet, s3_endpoint=args.s3_endpoint)
+    train, val = m["splits"]["train"], m["splits"]["val"]
+    print(f"{args.out}: {train['samples']} train + {val['samples']} val samples in "
+          f"{len(train['shards']) + len(val['shards'])} shards ({m['channels']}x{m['image_size']}x"
+          f"{m['image_size']} {m['image_format']}, {len(m['attributes'])} attributes), "
+          f"{m['skipped']} unreadable skipped")
+
+
+def _data_check(args: argparse.Namespace) -> None:
+    import json
+
+    from vaegan.data import check_shards
+
+    m = check_shards(args.shards, args.s3_endpoint)
+    print(json.dumps({"shards": args.shards, "source": m["source"], "image_size": m["image_size"],
+                      "channels": m["channels"], "attributes": m["attributes"],
+                      **{split: s["samples"] for split, s in m["splits"].items()}}))
+
+
+def _add_data(sub) -> None:
+    from vaegan.data.errors import DataError
+
+    USER_ERRORS.append(DataError)
+    data = sub.add_parser("data", help="prepare and check WebDataset shards")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser("prepare", help="write a source as train/val shards + manifest.json")
+    p.add_argument("--source", required=True,
+                   help="folder:PATH | celeba:PATH | mnist5k | synthetic-faces[:N] (default N 2000)")
+    p.add_argument("--out", required=True,
+                   help="a folder or s3://bucket/prefix (shards already there are replaced)")
+    p.add_argument("--image-size", type=int, help="output height = width (default: 64; mnist5k 32)")
+    p.add_argument("--channels", type=int, choices=[1, 3], help="default: the source's own")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--format", default="png", choices=["png", "jpg"], help="image encoding (default png)")
+    p.add_argument("--seed", type=int, default=0, help="split and shuffle seed (default 0)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="held-out fraction (default 0.1; celeba uses its official partition)")
+    p.add_argument("--s3-endpoint", default="", help="default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_data_prepare)
+    c = data_sub.add_parser("check", help="pre-flight: the manifest reads and its shards exist")
+    c.add_argument("--shards", required=True, help="a shard folder or s3://bucket/prefix")
+    c.add_argument("--s3-endpoint", default="", help="default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL")
+    c.set_defaults(func=_data_check)
+
+
+def _bench_data(args: argparse.Namespace) -> None:
+    import json
+
+    from vaegan.data import bench_loader
+
+    print(json.dumps(bench_loader(args.shards, workers=args.workers, batches=args.batches,
+                                  batch_size=args.batch_size, split=args.split,
+                                  s3_endpoint=args.s3_endpoint), indent=1))
+
+
+def _add_bench(sub) -> None:
+    """`vaegan bench ...`: one sub-command per benchmark."""
+    from vaegan.data.errors import DataError
+
+    USER_ERRORS.append(DataError)
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    d = bench_sub.add_parser("data", help="decoded images per second of the shard reader (JSON)")
+    d.add_argument("--shards", required=True, help="a shard folder or s3://bucket/prefix")
+    d.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    d.add_argument("--batches", type=int, default=50, help="batches to time (default 50)")
+    d.add_argument("--batch-size", type=int, default=64, help="default 64")
+    d.add_argument("--split", default="train", choices=["train", "val"])
+    d.add_argument("--s3-endpoint", default="", help="default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL")
+    d.set_defaults(func=_bench_data)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vaegan", description="Train and use VAE/GAN models (Larsen et al. 2016).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_config(sub)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_data(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -48,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except ConfigError as e:  # bad input: one clear line, no traceback
+    except tuple(USER_ERRORS) as e:  # bad input: one clear line, no traceback
         print(f"vaegan: error: {e}", file=sys.stderr)
         return 2
     return 0

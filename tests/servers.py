@@ -1,0 +1,78 @@
+"""Real servers for integration tests, started by the tests on 127.0.0.1 (free ports).
+
+Imported by conftest.py. Each fixture starts the real thing as a subprocess and stops it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    import requests
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
+        try:
+            if requests.get(url, timeout=1).status_code < 500:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer in {timeout}s")
+
+
+def env_with_venv() -> dict[str, str]:
+    """The venv's bin first on PATH: Ray and MLflow start subprocesses by name."""
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server`: SQLite backend, artifacts proxied to a local folder."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    log = open(root / "server.log", "wb")
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, env=env_with_venv())
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(uri + "/health", proc, timeout=120)
+        yield uri
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray for the test session (8 logical CPUs over the 2 cores, so a sweep's
+    trials and workers all fit; see PLATFORM.md)."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=True,
+             runtime_env={"env_vars": {"PATH": env_with_venv()["PATH"]}})
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,120 @@
+"""Training on a real local Ray with 2 CPU workers (gloo DDP), tracked in a real MLflow
+server, checkpoints on local disk and on a real S3-protocol server (moto)."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pytest
+
+from vaegan.config import load_config
+from vaegan.tracking import TrackingError
+from vaegan.train import FAULT_ENV, TrainError, fit
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def mnist_shards(tmp_path_factory):
+    from vaegan.data import prepare
+
+    out = tmp_path_factory.mktemp("shards") / "mnist5k"
+    prepare("mnist5k", str(out), image_size=32, channels=1, shard_size=1000, progress=False)
+    return str(out)
+
+
+def debug_cfg(tmp_path, mnist_shards, uri, *extra):
+    return load_config("debug", overrides=[
+        f"data.shards={mnist_shards}", f"train.storage_path={tmp_path / 'runs'}",
+        f"tracking.tracking_uri={uri}", "train.num_workers=2", "train.steps=6",
+        "train.log_every=2", "train.checkpoint_every=3", "train.image_every=3",
+        "tracking.model_name=debug-model", "data.loader_workers=0", *extra])
+
+
+def test_two_workers_track_everything_in_mlflow(tmp_path, mnist_shards, mlflow_server, ray_local):
+    cfg = debug_cfg(tmp_path, mnist_shards, mlflow_server, "train.name=tracked")
+    res = fit(cfg)
+    assert res.step == 6
+    client = mlflow.MlflowClient(mlflow_server)
+    run = client.get_run(res.mlflow_run_id)
+    assert run.data.params["loss.gamma"] == str(cfg.loss.gamma)
+    assert run.data.params["train.num_workers"] == "2"
+    for name in ("kl_prior", "llike_dis_l", "gan_bce", "d_real", "d_recon", "d_prior",
+                 "skip_dis", "skip_dec", "images_per_s", "skipped_samples"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, name)]
+        assert steps == [2, 4, 6], name
+    images = {a.path for a in client.list_artifacts(run.info.run_id, "images")}
+    assert any("samples" in p for p in images) and any("reconstructions" in p for p in images)
+    version = client.get_model_version_by_alias("debug-model", "latest")
+    assert version.run_id == res.mlflow_run_id
+    mlflow.set_tracking_uri(mlflow_server)
+    model = mlflow.pyfunc.load_model("models:/debug-model@latest")
+    samples = model.predict(np.zeros((1, 1), np.float32), params={"op": "sample", "n": 5})
+    assert samples.shape == (5, 1, 32, 32) and np.abs(samples).max() <= 1
+    checkpoints = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert {m.name for m in checkpoints} >= {"checkpoint-0000003", "checkpoint-0000006", "model"}
+
+
+def test_stopped_run_resumes_at_its_checkpoint_in_the_same_mlflow_run(
+        tmp_path, mnist_shards, mlflow_server, ray_local, monkeypatch):
+    cfg = debug_cfg(tmp_path, mnist_shards, mlflow_server, "train.name=resumed",
+                    "train.max_failures=0", "train.checkpoint_every=2")
+    monkeypatch.setenv(FAULT_ENV, f"5:{tmp_path / 'fault-marker'}")  # dies after step 4's checkpoint
+    with pytest.raises(TrainError, match="failed"):
+        fit(cfg)
+    monkeypatch.delenv(FAULT_ENV)
+    cfg = debug_cfg(tmp_path, mnist_shards, mlflow_server, "train.name=resumed",
+                    "train.checkpoint_every=2")
+    res = fit(cfg)
+    client = mlflow.MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_run(res.mlflow_run_id).info.experiment_id],
+                              filter_string="tags.`vaegan.run_name` = 'resumed'")
+    assert len(runs) == 1, "a resumed run continues the same MLflow run"
+    history = client.get_metric_history(res.mlflow_run_id, "kl_prior")
+    assert sorted(m.step for m in history) == [2, 4, 6]  # step 6 logged once, after the resume
+    assert res.step == 6
+
+
+def test_worker_failure_restarts_from_the_latest_checkpoint(tmp_path, mnist_shards, mlflow_server,
+                                                            ray_local, monkeypatch):
+    monkeypatch.setenv(FAULT_ENV, f"5:{tmp_path / 'fault-marker'}")
+    cfg = debug_cfg(tmp_path, mnist_shards, mlflow_server, "train.name=restarted",
+                    "train.max_failures=1", "train.checkpoint_every=2")
+    res = fit(cfg)
+    assert res.step == 6 and (tmp_path / "fault-marker").exists()
+
+
+def test_checkpoints_to_s3(tmp_path, mnist_shards, mlflow_server, ray_local, s3_bucket):
+    import s3fs
+
+    cfg = debug_cfg(tmp_path, mnist_shards, mlflow_server, "train.name=on-s3",
+                    f"train.storage_path={s3_bucket}/runs", "tracking.log_checkpoints=false")
+    res = fit(cfg)
+    fs = s3fs.S3FileSystem()
+    files = fs.find(f"{s3_bucket}/runs/on-s3")
+    assert any(f.endswith("model.pt") for f in files)
+    assert any(f.endswith("state.json") for f in files)
+    assert res.step == 6
+
+
+def test_too_many_workers_is_a_clear_error(tmp_path, mnist_shards, mlflow_server, ray_local):
+    cfg = debug_cfg(tmp_path, mnist_shards, mlflow_server, "train.num_workers=64")
+    with pytest.raises(TrainError, match=r"train.num_workers=64 .* needs 32 CPUs but the Ray cluster has 8"):
+        fit(cfg)
+
+
+def test_unreachable_mlflow_fails_before_workers_start(tmp_path, mnist_shards):
+    from tests.servers import free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    cfg = debug_cfg(tmp_path, mnist_shards, uri)
+    with pytest.raises(TrackingError, match=f"MLflow tracking server {uri} is unreachable"):
+        fit(cfg)
+
+
+def test_unwritable_storage_is_a_clear_error(tmp_path, mnist_shards, mlflow_server):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cfg = debug_cfg(tmp_path, mnist_shards, mlflow_server, f"train.storage_path={blocker}/runs")
+    with pytest.raises(TrainError, match="checkpoint storage .* is not writable"):
+        fit(cfg)

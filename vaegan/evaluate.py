@@ -1,0 +1,356 @@
+"""Evaluating a VAE/GAN: FID of samples and reconstructions, and reconstruction metrics.
+
+The paper reports no FID (it came later); this project computes it under one fixed protocol,
+so that numbers from different runs compare:
+
+    real       the first N images of a held-out split ("val") in reader order: no shuffle,
+               no flip. N = FID_N = 10,000, or the whole split when it is smaller (mnist5k);
+               the N used is reported as `n_images`, and FIDs compare only at equal N.
+    samples    N prior samples Dec(z_p), z_p ~ N(0, I), drawn from a generator seeded with
+               SAMPLE_SEED = 0 (the same z_p for every checkpoint), model in eval mode.
+    recon      Dec(mu(x)) for the same N real images (the posterior mean, no sampling).
+    features   Inception-v3 pool3 (2048-d; images repeated to RGB and resized to 299x299,
+               bilinear) when its weights are on disk; otherwise the penultimate layer
+               (128-d) of a classifier trained on the data's own labels at the data's own
+               size (`vaegan.featurizer`). The featurizer's name is part of the result:
+               an FID is only comparable to FIDs with the same featurizer.
+    distance   FID = ||mu_r - mu_g||^2 + tr(S_r + S_g - 2 (S_r S_g)^(1/2)) (Dowson & Landau
+               1982; Heusel et al. 2017) of Gaussians fitted to the features, in float64.
+               Small N biases FID upwards (periodic evaluation during training uses a small
+               N: compare those values only with each other).
+
+Reconstruction metrics on the same N images, with pixels scaled from [-1, 1] to [0, 1]:
+`mse_recon` (mean squared error per pixel), `ssim_recon` (SSIM of Wang et al. 2004, 11x11
+Gaussian window, sigma 1.5, K1 = 0.01, K2 = 0.03, mean over the valid window positions and
+the channels), and `dis_l_recon` = mean 1/2 ||Dis_l(x) - Dis_l(x~)||^2, the paper's learned
+similarity measured with the model's own discriminator in eval mode (not comparable across
+models: each has its own Dis). With a softmax featurizer, `recognisable` is the share of
+samples whose top class has probability > 0.9.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vaegan.featurizer import (
+    SOFTMAX_CONFIDENT,
+    EvalError,
+    Featurizer,
+    covering_batch_size,
+    resolve_featurizer,
+)
+from vaegan.model import VAEGAN
+
+FID_N = 10_000  # images per FID (or the whole held-out split when smaller)
+SAMPLE_SEED = 0  # seeds the prior samples, so every checkpoint is scored on the same z_p
+EVAL_SPLIT = "val"  # the held-out split the real images come from
+BATCH = 250  # images per forward pass; memory only, the results do not depend on it
+SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03  # Wang et al. 2004
+
+
+# ---------------------------------------------------------------------------------------
+# The Fréchet distance.
+
+
+class FeatureStats(NamedTuple):
+    """A Gaussian fit to features: mean (D,), covariance (D, D), float64; n samples."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    n: int
+
+
+def feature_stats(features: torch.Tensor | np.ndarray) -> FeatureStats:
+    """(N, D) features -> their mean and (unbiased, N - 1) covariance in float64."""
+    f = features.detach().cpu().double().numpy() if isinstance(features, torch.Tensor) else features
+    f = np.asarray(f, dtype=np.float64)
+    if f.ndim != 2 or len(f) < 2:
+        raise EvalError(f"features must have shape (N >= 2, D); got {f.shape}")
+    return FeatureStats(f.mean(axis=0), np.cov(f, rowvar=False), len(f))
+
+
+def _psd_sqrt(s: np.ndarray) -> np.ndarray:
+    """Square root of a symmetric positive semi-definite matrix, via its eigen-decomposition.
+    Rounding can leave tiny negative eigenvalues; they are clipped to 0."""
+    w, v = np.linalg.eigh((s + s.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float:
+    """tr((S1 S2)^(1/2)) for covariance matrices S1, S2.
+
+    S1 S2 is not symmetric, and scipy.linalg.sqrtm of it returns small imaginary parts (and
+    can fail outright when a covariance is singular, as it is whenever N <= D). But
+    S1 S2 = A (A S2) with A = S1^(1/2), and A S2 A has the same eigenvalues as A (A S2);
+    A S2 A is symmetric PSD, so its eigenvalues are real and >= 0 (up to rounding, clipped),
+    and the trace of the square root is the sum of their square roots. No complex numbers.
+    """
+    a = _psd_sqrt(s1)
+    m = a @ s2 @ a
+    w = np.linalg.eigvalsh((m + m.T) / 2)
+    return float(np.sqrt(np.clip(w, 0, None)).sum())
+
+
+def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
+    """||mu_a - mu_b||^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^(1/2)), >= 0."""
+    if a.mu.shape != b.mu.shape:
+        raise EvalError(f"feature dimensions differ: {a.mu.shape[0]} vs {b.mu.shape[0]} "
+                        "(features from different featurizers?)")
+    diff = a.mu - b.mu
+    d = diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2 * trace_sqrt_product(a.sigma, b.sigma)
+    return max(float(d), 0.0)  # rounding can give -1e-13 for identical sets
+
+
+@torch.no_grad()
+def featurize(images: torch.Tensor, featurizer: Featurizer, batch_size: int = BATCH) -> torch.Tensor:
+    """(N, C, H, W) in [-1, 1] -> (N, D) features on the CPU, batch by batch."""
+    return torch.cat([featurizer.features(images[i:i + batch_size]).cpu()
+                      for i in range(0, len(images), batch_size)])
+
+
+def fid(images_a: torch.Tensor, images_b: torch.Tensor, featurizer: Featurizer,
+        batch_size: int = BATCH) -> float:
+    """FID between two image sets in [-1, 1] under `featurizer`."""
+    return frechet_distance(feature_stats(featurize(images_a, featurizer, batch_size)),
+                            feature_stats(featurize(images_b, featurizer, batch_size)))
+
+
+# ---------------------------------------------------------------------------------------
+# Pixel metrics.
+
+
+def _gaussian_1d(size: int, sigma: float, device, dtype) -> torch.Tensor:
+    x = torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2
+    g = torch.exp(-x.square() / (2 * sigma**2))
+    return g / g.sum()
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, *, data_range: float = 1.0, window: int = SSIM_WINDOW,
+         sigma: float = SSIM_SIGMA) -> torch.Tensor:
+    """SSIM (Wang, Bovik, Sheikh, Simoncelli 2004, eq. 13) per image -> (B,).
+
+    x, y: (B, C, H, W) with values in [0, data_range]. Local statistics under a Gaussian
+    window (separable, 'valid' positions only, as in the authors' reference code), computed
+    per channel; the SSIM map is averaged over positions and channels.
+    """
+    if x.shape != y.shape or x.ndim != 4:
+        raise EvalError(f"ssim needs two (B, C, H, W) tensors of equal shape; got {tuple(x.shape)} "
+                        f"and {tuple(y.shape)}")
+    window = min(window, x.shape[-1], x.shape[-2])  # tiny images: the window shrinks to fit
+    # float64: var = E[x^2] - E[x]^2 cancels badly in float32 on flat regions, where c2 is tiny.
+    x, y = x.double(), y.double()
+    c = x.shape[1]
+    g = _gaussian_1d(window, sigma, x.device, x.dtype)
+    gh, gw = g.view(1, 1, -1, 1).repeat(c, 1, 1, 1), g.view(1, 1, 1, -1).repeat(c, 1, 1, 1)
+
+    def blur(t):  # the Gaussian-weighted local mean of every channel
+        return F.conv2d(F.conv2d(t, gh, groups=c), gw, groups=c)
+
+    c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x.square()
+    var_y = blur(y * y) - mu_y.square()
+    cov = blur(x * y) - mu_x * mu_y
+    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / (
+        (mu_x.square() + mu_y.square() + c1) * (var_x + var_y + c2))
+    return s.mean(dim=(1, 2, 3)).float()
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1] (clamped: a decoder's tanh stays inside, real data might not quite)."""
+    return ((x.float() + 1) / 2).clamp(0, 1)
+
+
+# ---------------------------------------------------------------------------------------
+# All metrics of one model.
+
+
+class EvalMetrics(NamedTuple):
+    """What `evaluate_model` reports; the field names are the metric names."""
+
+    fid_samples: float
+    """FID of N prior samples against N held-out real images."""
+    fid_recon: float
+    """FID of the reconstructions Dec(mu(x)) of those real images against them."""
+    mse_recon: float
+    """Mean squared pixel error of the reconstructions, pixels in [0, 1]."""
+    ssim_recon: float
+    """Mean SSIM of the reconstructions (1 = identical), pixels in [0, 1]."""
+    dis_l_recon: float
+    """Mean 1/2 ||Dis_l(x) - Dis_l(x~)||^2 under the model's own discriminator (eval mode)."""
+    recognisable: float | None
+    """Share of samples a softmax featurizer classifies with p > 0.9; None for other featurizers."""
+    n_images: int
+    """N: real images, samples and reconstructions each."""
+
+    def as_metrics(self, prefix: str = "eval_") -> dict[str, float]:
+        """{'eval_fid_samples': ..., ...} for a tracker; metrics that do not apply are left out."""
+        return {prefix + k: float(v) for k, v in self._asdict().items() if v is not None}
+
+
+@torch.no_grad()
+def evaluate_model(model: VAEGAN, real_images: torch.Tensor, featurizer: Featurizer, n: int = FID_N,
+                   seed: int = SAMPLE_SEED, *, batch_size: int = BATCH) -> EvalMetrics:
+    """Score `model` against held-out `real_images` (N, C, H, W) in [-1, 1] (module docstring).
+
+    Uses the first min(n, N) images. The model is put in eval mode (batch norm on its running
+    statistics) and handed back in the mode it came in, so the training loop can call this
+    every V steps on rank 0 (pass the unwrapped model, not the DDP wrapper).
+    """
+    if real_images.ndim != 4 or len(real_images) < 2:
+        raise EvalError(f"real_images must be (N >= 2, C, H, W); got {tuple(real_images.shape)}")
+    model.check_images(real_images[:1])
+    if n < 2:
+        raise EvalError(f"n={n} is not allowed; FID needs n >= 2 images (the protocol uses {FID_N})")
+    n = min(n, len(real_images))
+    device = model.device
+    was_training = model.training
+    model.eval()
+    try:
+        feats_real, feats_recon, feats_samples = [], [], []
+        sq_err = ssim_sum = dis_l_sum = 0.0
+        for i in range(0, n, batch_size):
+            x = real_images[i:min(i + batch_size, n)].to(device, torch.float32)
+            x_recon = model.reconstruct(x).float()
+            feats_real.append(featurizer.features(x).cpu())
+            feats_recon.append(featurizer.features(x_recon).cpu())
+            x01, r01 = to_unit(x), to_unit(x_recon)
+            sq_err += float((x01 - r01).square().mean(dim=(1, 2, 3)).sum())
+            ssim_sum += float(ssim(x01, r01).sum())
+            # L_llike^Dis_l of the paper, per image, with the model's own (eval-mode) Dis.
+            diff = (model.discriminator.features(x) - model.discriminator.features(x_recon)).float()
+            dis_l_sum += float(0.5 * diff.flatten(1).square().sum(dim=1).sum())
+
+        generator = torch.Generator(device=device).manual_seed(seed)
+        confident, softmax = 0, getattr(featurizer, "kind", "") == "softmax"
+        for i in range(0, n, batch_size):
+            samples = model.sample(min(batch_size, n - i), generator).float()
+            feats_samples.append(featurizer.features(samples).cpu())
+            if softmax:
+                confident += int((featurizer.probs(samples).max(dim=1).values > SOFTMAX_CONFIDENT).sum())
+    finally:
+        model.train(was_training)
+
+    real = feature_stats(torch.cat(feats_real))
+    return EvalMetrics(
+        fid_samples=frechet_distance(feature_stats(torch.cat(feats_samples)), real),
+        fid_recon=frechet_distance(feature_stats(torch.cat(feats_recon)), real),
+        mse_recon=sq_err / n,
+        ssim_recon=ssim_sum / n,
+        dis_l_recon=dis_l_sum / n,
+        recognisable=confident / n if softmax else None,
+        n_images=n,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# What `vaegan eval` runs: a checkpoint and shards in, a report out.
+
+
+def _load_model(path: str | Path, device: torch.device | str = "cpu") -> VAEGAN:
+    """A checkpoint directory (vaegan.checkpoint), or a file saved as
+    torch.save({"config": cfg.to_dict(), "model": model.state_dict()})."""
+    from vaegan.config import config_from_dict
+
+    path = Path(path)
+    if path.is_dir():
+        from vaegan.checkpoint import load_checkpoint
+
+        try:
+            model, _, _ = load_checkpoint(path, map_location=device)
+        except FileNotFoundError as e:
+            raise EvalError(str(e)) from None
+        return model
+    if not path.is_file():
+        raise EvalError(f"checkpoint {str(path)!r} does not exist; pass a checkpoint directory "
+                        "(with model.pt and config.yaml) or a file holding {'config', 'model'}")
+    blob = torch.load(path, map_location=device, weights_only=True)
+    if not isinstance(blob, dict) or not {"config", "model"} <= blob.keys():
+        raise EvalError(f"checkpoint file {str(path)!r} must hold a dict with keys 'config' and 'model'")
+    model = VAEGAN(config_from_dict(blob["config"]).model)
+    model.load_state_dict(blob["model"])
+    return model.to(device).eval()
+
+
+def load_real_images(shards: str, n: int = FID_N, split: str = EVAL_SPLIT, *, batch_size: int = BATCH,
+                     s3_endpoint: str = "") -> torch.Tensor:
+    """The first n images of `split` in reader order (no shuffle, no flip): the protocol's reals."""
+    from vaegan.data import make_loader, read_manifest
+
+    manifest = read_manifest(shards, s3_endpoint)
+    if split not in manifest["splits"]:
+        raise EvalError(f"split {split!r} is not in {shards!r}; it has: {', '.join(manifest['splits'])}")
+    available = manifest["splits"][split]["samples"]
+    batch_size = covering_batch_size(available, min(n, available), batch_size)
+    loader = make_loader(shards, batch_size=batch_size, split=split, shuffle_buffer=0, flip=False,
+                         s3_endpoint=s3_endpoint)
+    chunks, seen = [], 0
+    for x in loader:
+        chunks.append(x[:n - seen])
+        seen += len(chunks[-1])
+        if seen >= n:
+            break
+    if seen < 2:
+        raise EvalError(f"split {split!r} of {shards!r} has {seen} images; FID needs at least 2")
+    return torch.cat(chunks)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def run_eval(checkpoint: str | Path, shards: str, featurizer: str, *, n: int = FID_N,
+             split: str = EVAL_SPLIT, seed: int = SAMPLE_SEED, inception_weights: str | None = None,
+             device: str = "auto") -> dict[str, Any]:
+    """`vaegan eval`: load, score, and return a JSON-able report (protocol + metrics)."""
+    dev = resolve_device(device)
+    feat = resolve_featurizer(featurizer, inception_weights, dev)  # fail fast, before reading data
+    model = _load_model(checkpoint, dev)
+    real = load_real_images(shards, n, split)
+    metrics = evaluate_model(model, real, feat, n=n, seed=seed)
+    return {
+        "checkpoint": str(checkpoint),
+        "shards": shards,
+        "split": split,
+        "featurizer": feat.name,
+        "featurizer_path": featurizer,
+        "seed": seed,
+        "metrics": metrics._asdict(),
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A small aligned table of the report's metrics."""
+    lines = [f"{report['checkpoint']}  ({report['split']} split, {report['metrics']['n_images']} images, "
+             f"features: {report['featurizer']})"]
+    for name, value in report["metrics"].items():
+        if value is None:
+            text = "-"
+        elif isinstance(value, int):
+            text = f"{value:d}"
+        else:
+            text = f"{value:.4f}" if math.isfinite(value) else str(value)
+        lines.append(f"  {name:<14} {text:>12}")
+    return "\n".join(lines)
+
+
+def write_report(report: dict[str, Any], path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+__all__ = [
+    "FID_N", "SAMPLE_SEED", "EVAL_SPLIT", "EvalError", "EvalMetrics", "FeatureStats", "feature_stats",
+    "frechet_distance", "trace_sqrt_product", "featurize", "fid", "ssim", "evaluate_model",
+    "load_real_images", "run_eval", "format_report", "write_report",
+]
