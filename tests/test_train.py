@@ -45,11 +45,12 @@ def test_two_workers_track_everything_in_mlflow(tmp_path, mnist_shards, mlflow_s
         assert steps == [2, 4, 6], name
     images = {a.path for a in client.list_artifacts(run.info.run_id, "images")}
     assert any("samples" in p for p in images) and any("reconstructions" in p for p in images)
-    version = client.get_model_version_by_alias("debug-model", "latest")
-    assert version.run_id == res.mlflow_run_id
+    # "latest" is MLflow's reserved built-in: models:/NAME/latest is the newest version
+    newest = max(client.search_model_versions("name='debug-model'"), key=lambda v: int(v.version))
+    assert newest.run_id == res.mlflow_run_id and res.model_uri == "models:/debug-model/latest"
     mlflow.set_tracking_uri(mlflow_server)
-    model = mlflow.pyfunc.load_model("models:/debug-model@latest")
-    samples = model.predict(np.zeros((1, 1), np.float32), params={"op": "sample", "n": 5})
+    model = mlflow.pyfunc.load_model(res.model_uri)
+    samples = model.predict(np.zeros((1, 1, 32, 32), np.float32), params={"op": "sample", "n": 5})
     assert samples.shape == (5, 1, 32, 32) and np.abs(samples).max() <= 1
     checkpoints = client.search_logged_models(experiment_ids=[run.info.experiment_id])
     assert {m.name for m in checkpoints} >= {"checkpoint-0000003", "checkpoint-0000006", "model"}
@@ -104,7 +105,7 @@ def test_too_many_workers_is_a_clear_error(tmp_path, mnist_shards, mlflow_server
 
 
 def test_unreachable_mlflow_fails_before_workers_start(tmp_path, mnist_shards):
-    from tests.servers import free_port
+    from servers import free_port
 
     uri = f"http://127.0.0.1:{free_port()}"
     cfg = debug_cfg(tmp_path, mnist_shards, uri)

@@ -23,7 +23,10 @@ def run_demo(out: str | Path = "outputs/demo-samples.png") -> None:
     res = main_train(cfg)
     mlflow.set_tracking_uri(res.tracking_uri)
     model = mlflow.pyfunc.load_model(res.model_uri)
-    samples = model.predict(torch.zeros(1, 1).numpy(), params={"op": "sample", "n": 64, "seed": 0})
+    # the input is ignored for op=sample, but must fit the signature (B, C, H, W)
+    m = cfg.model
+    dummy = torch.zeros(1, m.channels, m.image_size, m.image_size).numpy()
+    samples = model.predict(dummy, params={"op": "sample", "n": 64, "seed": 0})
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     _grid(torch.from_numpy(samples), 8).save(out)

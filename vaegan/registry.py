@@ -77,8 +77,14 @@ def log_checkpoint_model(checkpoint_dir: str | Path, name: str, step: int):
         code_paths=[str(Path(__file__).parent)])
 
 
-def register(model_uri: str, name: str, alias: str) -> str:
-    """Register a logged model under `name` and point `alias` at the new version."""
+def register(model_uri: str, name: str, alias: str | None = None) -> str:
+    """Register a logged model under `name` as a new version; point `alias` at it if given.
+
+    No alias is needed for "latest": MLflow reserves that name, and `models:/NAME/latest`
+    always resolves to the newest version, which this one now is.
+    """
     version = mlflow.register_model(model_uri, name)
-    mlflow.MlflowClient().set_registered_model_alias(name, alias, version.version)
-    return f"models:/{name}@{alias}"
+    if alias:
+        mlflow.MlflowClient().set_registered_model_alias(name, alias, version.version)
+        return f"models:/{name}@{alias}"
+    return f"models:/{name}/latest"

@@ -123,11 +123,11 @@ class MlflowLogger(NullLogger):
         log_checkpoint_model(path, name=f"checkpoint-{step:07d}", step=step)
 
     def finish(self, path: str | Path, model_name: str, step: int) -> str:
-        """Log the final model and register it with the alias `latest`; -> its URI."""
+        """Log the final model and register it as the newest version; -> models:/NAME/latest."""
         from vaegan.registry import log_checkpoint_model, register
 
         info = log_checkpoint_model(path, name="model", step=step)
-        return register(info.model_uri, model_name, "latest")
+        return register(info.model_uri, model_name)
 
     def end(self, status: str = "FINISHED") -> None:
         self.mlflow.end_run(status=status)

@@ -348,7 +348,7 @@ def fit(cfg: Config) -> FitResult:
     if result.error:
         raise TrainError(f"training run {T.name} failed: {result.error}")
     step = read_state_from_result(result)
-    model_uri = f"models:/{cfg.tracking.model_name}@latest"
+    model_uri = f"models:/{cfg.tracking.model_name}/latest"
     storage = f"{T.storage_path or storage_path}/{T.name}"
     return FitResult(T.name, run_id, uri, model_uri, storage, step)
 
