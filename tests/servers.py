@@ -6,6 +6,7 @@ Imported by conftest.py. Each fixture starts the real thing as a subprocess and 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -76,3 +77,32 @@ def ray_local():
              runtime_env={"env_vars": {"PATH": env_with_venv()["PATH"]}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A real `ray start --head` cluster with the dashboard (job submission) on loopback.
+
+    Started with --block as a child process so stopping it here stops only this cluster
+    (`ray stop` would kill every Ray on the machine). Token auth is explicitly disabled:
+    everything is on 127.0.0.1 and the same choice is made for the head and the clients.
+    """
+    env = {**env_with_venv(), "RAY_AUTH_MODE": "disabled"}
+    port, dash = free_port(), free_port()
+    log = open(tmp_path_factory.mktemp("ray-head") / "head.log", "wb")
+    proc = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
+         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         "--include-dashboard=true"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        wait_http(url + "/api/version", proc, timeout=120)
+        yield url, env
+    finally:
+        proc.send_signal(signal.SIGINT)  # --block: stops the processes it started
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()

@@ -23,6 +23,15 @@ def mnist_shards(tmp_path_factory):
     return str(out)
 
 
+@pytest.fixture(scope="session")
+def featurizer(mnist_shards, tmp_path_factory):
+    from vaegan.featurizer import train_featurizer
+
+    out = tmp_path_factory.mktemp("featurizer")
+    train_featurizer(mnist_shards, "digit", out, steps=30)
+    return str(out)
+
+
 def debug_cfg(tmp_path, mnist_shards, uri, *extra):
     return load_config("debug", overrides=[
         f"data.shards={mnist_shards}", f"train.storage_path={tmp_path / 'runs'}",
@@ -31,8 +40,10 @@ def debug_cfg(tmp_path, mnist_shards, uri, *extra):
         "tracking.model_name=debug-model", "data.loader_workers=0", *extra])
 
 
-def test_two_workers_track_everything_in_mlflow(tmp_path, mnist_shards, mlflow_server, ray_local):
-    cfg = debug_cfg(tmp_path, mnist_shards, mlflow_server, "train.name=tracked")
+def test_two_workers_track_everything_in_mlflow(tmp_path, mnist_shards, mlflow_server, ray_local,
+                                                featurizer):
+    cfg = debug_cfg(tmp_path, mnist_shards, mlflow_server, "train.name=tracked", "train.eval_every=6",
+                    "train.eval_images=64", f"train.eval_featurizer={featurizer}")
     res = fit(cfg)
     assert res.step == 6
     client = mlflow.MlflowClient(mlflow_server)
@@ -43,6 +54,8 @@ def test_two_workers_track_everything_in_mlflow(tmp_path, mnist_shards, mlflow_s
                  "skip_dis", "skip_dec", "images_per_s", "skipped_samples"):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, name)]
         assert steps == [2, 4, 6], name
+    for name in ("eval_fid_samples", "eval_fid_recon", "eval_ssim_recon", "eval_recognisable"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == [6], name
     images = {a.path for a in client.list_artifacts(run.info.run_id, "images")}
     assert any("samples" in p for p in images) and any("reconstructions" in p for p in images)
     # "latest" is MLflow's reserved built-in: models:/NAME/latest is the newest version

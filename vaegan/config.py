@@ -186,7 +186,13 @@ class TrainConfig:
     image_every: int = 200
     """Log sample and reconstruction grids every E steps."""
     eval_every: int = 0
-    """Validation evaluation every V steps (0: off)."""
+    """Validation evaluation (FID of samples and reconstructions, ...) every V steps on rank 0,
+    reported with the metrics as eval_* (0: off)."""
+    eval_images: int = 500
+    """Held-out images (and prior samples) per periodic evaluation."""
+    eval_featurizer: str = ""
+    """Featurizer directory for FID (`vaegan eval train-featurizer`); empty: one is trained on
+    the shards' labels on first use and cached under ./data/featurizers."""
     max_failures: int = 1
     """Ray Train restarts of a failed worker group."""
 
@@ -200,6 +206,7 @@ class TrainConfig:
             value = getattr(self, key)
             _check(value >= 1, f"train.{key}", value, "an integer >= 1")
         _check(self.eval_every >= 0, "train.eval_every", self.eval_every, "an integer >= 0")
+        _check(self.eval_images >= 2, "train.eval_images", self.eval_images, "an integer >= 2")
         _check(self.max_failures >= 0, "train.max_failures", self.max_failures,
                "an integer >= 0")
         _check(bool(self.name) and "/" not in self.name, "train.name", self.name,

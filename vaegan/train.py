@@ -120,14 +120,16 @@ def train_loop_per_worker(config: dict) -> None:
                      loader_workers=cfg.data.loader_workers, shuffle_buffer=cfg.data.shuffle_buffer,
                      flip=cfg.data.flip, seed=cfg.train.seed, s3_endpoint=cfg.data.s3_endpoint,
                      max_corrupt_fraction=cfg.data.max_corrupt_fraction)
-    fixed_z = real = None
+    fixed_z = real = evaluator = None
     if rank == 0:  # what the image grids show, fixed for the whole run
+        from vaegan.evaluate import load_real_images
+
         fixed_z = torch.randn(64, cfg.model.latent_dim, generator=torch.Generator().manual_seed(1234))
-        val = make_loader(cfg.data.shards, **{**loader_kw, "rank": 0, "world_size": 1,
-                                              "batch_size": 16, "shuffle_buffer": 0, "flip": False},
-                          split="val")
-        real = next(iter(val))[:16]
-        fixed_z, real = fixed_z.to(device), real.to(device)
+        held_out = load_real_images(cfg.data.shards, n=max(16, cfg.train.eval_images),
+                                    s3_endpoint=cfg.data.s3_endpoint)
+        fixed_z, real = fixed_z.to(device), held_out[:16].to(device)
+        if cfg.train.eval_every:
+            evaluator = _Evaluator(model, held_out, config["featurizer"], cfg.train.eval_images, device)
 
     T, batch = cfg.train, cfg.data.batch_size
     if state.step == 0 and rank == 0:
@@ -149,8 +151,11 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0 and config.get("fault"):
                 _maybe_fail(config["fault"], state.step)
             last = state.step >= T.steps
-            if state.step % T.log_every == 0 or last:
+            eval_due = T.eval_every and (state.step % T.eval_every == 0 or last)
+            if state.step % T.log_every == 0 or last or eval_due:
                 metrics = _window_metrics(window, time.time() - t_window, batch, loader, distributed)
+                if evaluator and eval_due:  # rank 0 only; the others wait at the report below
+                    metrics.update(evaluator())
                 window, t_window = [], time.time()
                 logger.log_metrics(metrics, state.step)
                 if rank == 0:
@@ -170,6 +175,23 @@ def train_loop_per_worker(config: dict) -> None:
         else:  # the epoch ran out before the steps did
             state.epoch, state.batch = state.epoch + 1, 0
     logger.end()
+
+
+class _Evaluator:
+    """Periodic validation on rank 0: FID of samples and reconstructions, MSE, SSIM, Dis_l
+    distance and (digits) the share of recognisable samples, as eval_* metrics."""
+
+    def __init__(self, model: VAEGAN, held_out: torch.Tensor, featurizer_dir: str, n: int, device):
+        from vaegan.featurizer import load_featurizer
+
+        self.model, self.n = model, min(n, len(held_out))
+        self.real = held_out[: self.n].to(device)
+        self.featurizer = load_featurizer(featurizer_dir, device)
+
+    def __call__(self) -> dict[str, float]:
+        from vaegan.evaluate import evaluate_model
+
+        return evaluate_model(self.model, self.real, self.featurizer, n=self.n).as_metrics()
 
 
 def _maybe_fail(fault: str, step: int) -> None:
@@ -257,6 +279,28 @@ def resolve_data(cfg: Config) -> str:
     return shards
 
 
+def resolve_featurizer(cfg: Config) -> str:
+    """`train.eval_featurizer`, or one trained on the shards' labels and cached (first use)."""
+    if not cfg.train.eval_every:
+        return ""
+    if cfg.train.eval_featurizer:
+        return cfg.train.eval_featurizer
+    from vaegan.data import read_manifest
+    from vaegan.featurizer import train_featurizer
+
+    manifest = read_manifest(cfg.data.shards, cfg.data.s3_endpoint)
+    if not manifest["attributes"]:
+        raise TrainError(f"train.eval_every={cfg.train.eval_every} needs a featurizer, and shards "
+                         f"{cfg.data.shards} have no labels to train one on: set train.eval_featurizer")
+    name = f"{manifest['source']}-{manifest['image_size']}px-{manifest['channels']}ch".replace(":", "-")
+    out = Path("data/featurizers").resolve() / name
+    if not (out / "featurizer.json").is_file():
+        print(f"[vaegan] training an evaluation featurizer on {cfg.data.shards} -> {out}", flush=True)
+        attrs = manifest["attributes"]
+        train_featurizer(cfg.data.shards, attrs[0] if len(attrs) == 1 else "all", out)
+    return str(out)
+
+
 def _storage(cfg: Config):
     """(storage_path, storage_filesystem) for RunConfig; checks that it is writable."""
     path = cfg.train.storage_path or str(Path("runs").resolve())
@@ -322,6 +366,7 @@ def fit(cfg: Config) -> FitResult:
     from vaegan.tracking import resolve_tracking_uri, start_or_resume_run
 
     cfg.data.shards = resolve_data(cfg)
+    featurizer = resolve_featurizer(cfg)
     storage_path, storage_fs = _storage(cfg)
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     cfg.tracking.tracking_uri = uri
@@ -332,7 +377,7 @@ def fit(cfg: Config) -> FitResult:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "mlflow_run_id": run_id, "tracking_uri": uri,
-                           "fault": os.environ.get(FAULT_ENV, "")},
+                           "fault": os.environ.get(FAULT_ENV, ""), "featurizer": featurizer},
         scaling_config=ScalingConfig(num_workers=T.num_workers, use_gpu=T.use_gpu,
                                      resources_per_worker={"CPU": T.cpus_per_worker}),
         run_config=RunConfig(
