@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from servers import free_port, mlflow_server, ray_local  # noqa: F401  (fixtures)
+from servers import free_port, mlflow_server, ray_head, ray_local  # noqa: F401  (fixtures)
 
 from vaegan.config import load_config
 
