@@ -17,6 +17,7 @@ def test_yaml_then_overrides(tmp_path):
     cfg = load_config("debug", path, ["loss.gamma=0.25", "train.name=x", "optim.betas=[0.9,0.99]"])
     assert (cfg.loss.gamma, cfg.train.steps, cfg.train.name) == (0.25, 7, "x")
     assert cfg.optim.betas == (0.9, 0.99)
+    assert load_config("debug", overrides=["optim.lr=5e-4"]).optim.lr == 5e-4  # YAML 1.1 string
 
 
 @pytest.mark.parametrize(("override", "message"), [

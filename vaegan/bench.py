@@ -37,7 +37,8 @@ class PlainStep:
         b, latent, gamma = x.shape[0], self.cfg.model.latent_dim, self.cfg.loss.gamma
         mu, log_var = enc(x)
         z = reparameterize(mu, log_var, torch.randn(b, latent))
-        x_tilde, x_p = dec(z), dec(torch.randn(b, latent))
+        # the same model as ours: one Dec batch [z; z_p] (batch norm statistics over both)
+        x_tilde, x_p = dec(torch.cat([z, torch.randn(b, latent)])).split(b)
         # (1) Update Dis: descend the BCE on x, x~ and x_p (fakes detached)
         logits, _ = dis(torch.cat([x, x_tilde.detach(), x_p.detach()]))
         opt_dis.zero_grad()
@@ -65,17 +66,42 @@ def _variant(name: str, cfg: Config, channels_last: bool):
     return model, step, fmt
 
 
-def count_gflop_per_image(cfg: Config, name: str) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
+class _FlopCounter:
+    """Counts matmul/conv FLOPs of every op run (torch's formulas). torch's FlopCounterMode
+    also tracks modules with hooks that break `autograd.grad` on leaves, which the step uses."""
 
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils.flop_counter import flop_registry
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                out = func(*args, **kwargs)
+                formula = flop_registry.get(func._overloadpacket)
+                if formula is not None:
+                    counter.total += formula(*args, **kwargs, out_val=out)
+                return out
+
+        self.total, self.mode = 0, Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+def count_gflop_per_image(cfg: Config, name: str) -> float:
     cfg = copy.deepcopy(cfg)
     cfg.train.precision = "fp32"  # count the same ops whatever the hardware
     _, step, _ = _variant(name, cfg, False)
     m = cfg.model
     x = torch.rand(cfg.data.batch_size, m.channels, m.image_size, m.image_size) * 2 - 1
-    with FlopCounterMode(display=False) as counter:
+    with _FlopCounter() as counter:
         step(x)
-    return counter.get_total_flops() / cfg.data.batch_size / 1e9
+    return counter.total / cfg.data.batch_size / 1e9
 
 
 def bench_step(preset: str = "celeba64", overrides: list[str] | None = None, steps: int = 5,

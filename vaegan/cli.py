@@ -9,6 +9,7 @@
                         [--format png|jpg] [--seed S] [--val-fraction F] [--s3-endpoint URL]
     vaegan data check --shards URL
     vaegan bench data --shards URL [--workers N] [--batches N] [--batch-size B]
+    vaegan bench step [--preset celeba64] [key=value ...] [--steps N]
 """
 
 from __future__ import annotations
@@ -228,6 +229,21 @@ def _add_bench(sub) -> None:
     d.add_argument("--split", default="train", choices=["train", "val"])
     d.add_argument("--s3-endpoint", default="", help="default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL")
     d.set_defaults(func=_bench_data)
+    st = bench_sub.add_parser("step", help="the training step vs a plain port of Algorithm 1 (JSON)")
+    st.add_argument("--preset", default="celeba64", help="default celeba64 (the paper's 64x64)")
+    _add_overrides(st)
+    st.add_argument("--steps", type=int, default=5, help="timed steps per variant (default 5)")
+    st.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    st.set_defaults(func=_bench_step)
+
+
+def _bench_step(args: argparse.Namespace) -> None:
+    import json
+
+    from vaegan.bench import bench_step
+
+    for row in bench_step(args.preset, args.overrides, steps=args.steps, warmup=args.warmup):
+        print(json.dumps(row), flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
