@@ -55,7 +55,9 @@ def mlflow_server(tmp_path_factory):
         [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
          "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
          "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env=env_with_venv())
+        stdout=log, stderr=subprocess.STDOUT,
+        # No background job runner (huey workers): tests need none, and it costs 4 processes.
+        env={**env_with_venv(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_http(uri + "/health", proc, timeout=120)
