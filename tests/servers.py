@@ -75,7 +75,7 @@ def ray_local():
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=True,
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=True,
              runtime_env={"env_vars": {"PATH": env_with_venv()["PATH"]}})
     yield ray
     ray.shutdown()

@@ -4,6 +4,7 @@ The public surface is small and imported lazily, so `import vaegan` stays light 
 Ray or MLflow until used):
 
     from vaegan import VAEGAN, load_config, preset, PRESETS
+    from vaegan import load_model   # a registered model: models:/NAME@champion
 """
 
 from importlib import import_module
@@ -21,6 +22,7 @@ _LAZY = {
     "preset": "vaegan.config",
     "PRESETS": "vaegan.config",
     "TrainStep": "vaegan.step",
+    "load_model": "vaegan.models",
 }
 
 

@@ -2,6 +2,9 @@
 
     vaegan config show PRESET [key=value ...] [--config YAML] [--params]
     vaegan train [--preset P] [--config YAML] [key=value ...]
+    vaegan tune [--preset P] [key=value ...] [--gamma-min A --gamma-max B] [--lr-min --lr-max]
+                [--trials N] [--workers-per-trial K] [--metric M] [--mode min|max]
+                [--grace-period S] [--max-concurrent C] [--name SWEEP]
     vaegan demo
     vaegan eval CHECKPOINT --shards URL --featurizer DIR|inception [-n N] [--json OUT]
     vaegan eval train-featurizer --shards URL --label-key KEY --out DIR [--steps N]
@@ -10,6 +13,8 @@
     vaegan data check --shards URL
     vaegan bench data --shards URL [--workers N] [--batches N] [--batch-size B]
     vaegan bench step [--preset celeba64] [key=value ...] [--steps N]
+    vaegan models list [NAME] | promote NAME [--from challenger] [--to champion] [--force]
+    vaegan models sample|reconstruct|interpolate|edit|attributes URI ... (-o PNG)
 """
 
 from __future__ import annotations
@@ -81,6 +86,49 @@ def _add_train(sub) -> None:
     p.set_defaults(func=_train)
     d = sub.add_parser("demo", help="the embedded demo: mnist5k, 2 local workers, local MLflow")
     d.set_defaults(func=_demo)
+
+
+def _tune(args: argparse.Namespace) -> None:
+    from vaegan.tune import SweepOptions, main_tune
+
+    opts = SweepOptions(
+        name=args.name, trials=args.trials, gamma_min=args.gamma_min, gamma_max=args.gamma_max,
+        lr_min=args.lr_min, lr_max=args.lr_max, workers_per_trial=args.workers_per_trial,
+        metric=args.metric, mode=args.mode, grace_period=args.grace_period,
+        reduction_factor=args.reduction_factor, max_concurrent=args.max_concurrent, seed=args.seed)
+    main_tune(load_config(args.preset, args.config, args.overrides), opts)
+
+
+def _add_tune(sub) -> None:
+    from vaegan.tune import SweepError, SweepOptions, TuneError
+
+    USER_ERRORS.extend(e for e in (TuneError, SweepError) if e not in USER_ERRORS)
+    d = SweepOptions()
+    p = sub.add_parser("tune", help="Ray Tune sweep over loss.gamma (ASHA), MLflow parent/child runs",
+                       description="Each trial trains the config with a log-uniform gamma (and lr) on "
+                       "Ray; the best completed trial is registered as tracking.model_name@challenger. "
+                       "The same command with the same --name resumes an interrupted sweep.")
+    p.add_argument("--preset", default="debug", help=f"one of: {', '.join(PRESETS)} (default debug)")
+    _add_overrides(p)
+    p.add_argument("--name", default="", help="the sweep's name (default TRAIN_NAME-sweep)")
+    p.add_argument("--trials", type=int, default=d.trials, help=f"default {d.trials}")
+    p.add_argument("--gamma-min", type=float, default=d.gamma_min, help=f"default {d.gamma_min:g}")
+    p.add_argument("--gamma-max", type=float, default=d.gamma_max, help=f"default {d.gamma_max:g}")
+    p.add_argument("--lr-min", type=float, help="with --lr-max: search optim.lr too (log-uniform)")
+    p.add_argument("--lr-max", type=float)
+    p.add_argument("--workers-per-trial", type=int, default=0, help="default train.num_workers")
+    p.add_argument("--metric", default=d.metric, help=f"what ASHA compares (default {d.metric}, "
+                   "which needs train.eval_every > 0; or a step metric such as loss)")
+    p.add_argument("--mode", default="", choices=["min", "max"],
+                   help="default: max for eval_ssim_recon / eval_recognisable, else min")
+    p.add_argument("--grace-period", type=int, default=0,
+                   help="steps before ASHA may stop a trial (default ~ train.steps / 8)")
+    p.add_argument("--reduction-factor", type=float, default=d.reduction_factor,
+                   help=f"ASHA keeps the best 1/R at each rung (default {d.reduction_factor:g})")
+    p.add_argument("--max-concurrent", type=int, default=d.max_concurrent,
+                   help=f"trials at the same time (default {d.max_concurrent})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"search seed (default {d.seed})")
+    p.set_defaults(func=_tune)
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -246,15 +294,208 @@ def _bench_step(args: argparse.Namespace) -> None:
         print(json.dumps(row), flush=True)
 
 
+def _models_tracking(args: argparse.Namespace) -> str:
+    import mlflow
+
+    from vaegan.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri or "")
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def _models_load(args: argparse.Namespace):
+    from vaegan.models import load_model
+
+    uri = _models_tracking(args)
+    return load_model(args.uri, device=args.device, tracking_uri=uri)
+
+
+def _models_list(args: argparse.Namespace) -> None:
+    from vaegan.registry import client_for, list_versions
+
+    rows = list_versions(client_for(_models_tracking(args)), args.name, metric=args.metric)
+    if not rows:
+        print("no registered models")
+        return
+    print(f"{'model':<28} {'ver':>4}  {'aliases':<22} {args.metric:>18}  {'attributes':<12} run")
+    for r in rows:
+        value = r[args.metric]
+        print(f"{r['name']:<28} {r['version']:>4}  {','.join(r['aliases']) or '-':<22} "
+              f"{'-' if value is None else f'{value:.4f}':>18}  {'yes' if r['attributes'] else '-':<12} "
+              f"{r['run_id'] or '-'}")
+
+
+def _models_promote(args: argparse.Namespace) -> None:
+    from vaegan.registry import client_for, promote
+
+    result = promote(client_for(_models_tracking(args)), args.name, args.source, args.target,
+                     metric=args.metric, higher_is_better=args.higher_is_better, force=args.force)
+    print(result.format())
+
+
+def _models_sample(args: argparse.Namespace) -> None:
+    import math
+
+    from vaegan.models import save_grid
+
+    x = _models_load(args).sample(args.n, seed=args.seed)
+    print(save_grid(x, args.out, nrow=math.ceil(math.sqrt(args.n))))
+
+
+def _models_reconstruct(args: argparse.Namespace) -> None:
+    import torch
+
+    from vaegan.models import save_grid
+
+    model = _models_load(args)
+    x = model.images(args.images)
+    # Row 1 the inputs, row 2 their reconstructions Dec(mu(x)).
+    print(save_grid(torch.cat([x, model.reconstruct(x)]), args.out, nrow=len(x)))
+
+
+def _models_interpolate(args: argparse.Namespace) -> None:
+    import torch
+
+    from vaegan.models import save_grid
+
+    model = _models_load(args)
+    a, b = model.images(args.a), model.images(args.b)
+    # a, then Dec of `steps` points on mu(a) -> mu(b), then b.
+    print(save_grid(torch.cat([a, model.interpolate(a, b, args.steps), b]), args.out, nrow=args.steps + 2))
+
+
+def _models_edit(args: argparse.Namespace) -> None:
+    import torch
+
+    from vaegan.models import save_grid
+    from vaegan.registry import parse_attributes
+
+    model = _models_load(args)
+    edits = parse_attributes(args.attr)
+    x = model.images(args.images)
+    # One row per image: input, reconstruction, edited reconstruction.
+    rows = torch.stack([x, model.reconstruct(x), model.edit(x, edits)], dim=1).flatten(0, 1)
+    print(save_grid(rows, args.out, nrow=3))
+
+
+def _models_attributes(args: argparse.Namespace) -> None:
+    import json
+
+    from vaegan.registry import register_attribute_version
+
+    uri, model, report = register_attribute_version(
+        args.uri, args.shards, featurizer=args.featurizer, max_images=args.max_images,
+        eval_images=args.eval_images, strength=args.strength, name=args.name, alias=args.alias,
+        experiment=args.experiment, featurizer_steps=args.featurizer_steps,
+        tracking_uri=_models_tracking(args), device=args.device, s3_endpoint=args.s3_endpoint)
+    counts = model.attribute_meta["counts"]
+    print(f"attribute vectors from {model.attribute_meta['n_images']} training images: " + ", ".join(
+        f"{a} ({counts[a]['with']} with)" for a in model.attribute_vectors))
+    print(report.format())
+    print(f"registered {uri}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"uri": uri, **report.to_dict()}, f, indent=2)
+
+
+def _add_models(sub) -> None:
+    """`vaegan models ...`: use and manage registered models (vaegan.models, vaegan.registry)."""
+    from vaegan.models import ATTRIBUTE_IMAGES, ModelError
+    from vaegan.tracking import TrackingError
+
+    metric = "eval_fid_samples"  # vaegan.registry.DEFAULT_METRIC (not imported here: it loads MLflow)
+
+    USER_ERRORS.extend(e for e in (ModelError, TrackingError) if e not in USER_ERRORS)
+    models = sub.add_parser(
+        "models", help="use registered models: list, promote, sample, reconstruct, interpolate, edit",
+        description="URI: models:/NAME@ALIAS | models:/NAME/VERSION | models:/NAME/latest | "
+                    "runs:/RUN_ID/model | a checkpoint folder. The registry is $MLFLOW_TRACKING_URI "
+                    "(or --tracking-uri).")
+    msub = models.add_subparsers(dest="models_command", required=True)
+
+    def common(p: argparse.ArgumentParser, uri: bool = True) -> None:
+        if uri:
+            p.add_argument("uri", metavar="URI", help="the model (see `vaegan models -h`)")
+            p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default auto)")
+        p.add_argument("--tracking-uri", default="", help="default: $MLFLOW_TRACKING_URI, else ./mlruns")
+
+    p = msub.add_parser("list", help="registered models and versions, with aliases and a metric")
+    p.add_argument("name", nargs="?", help="one registered model (default: all)")
+    p.add_argument("--metric", default=metric, help=f"run metric to show (default {metric})")
+    common(p, uri=False)
+    p.set_defaults(func=_models_list)
+
+    p = msub.add_parser("promote", help="move an alias to a version unless its metric is worse")
+    p.add_argument("name", help="the registered model")
+    p.add_argument("--from", dest="source", default="challenger",
+                   help="alias or version number to promote (default challenger)")
+    p.add_argument("--to", dest="target", default="champion", help="alias to move (default champion)")
+    p.add_argument("--metric", default=metric,
+                   help=f"run metric compared (default {metric}; lower is better)")
+    p.add_argument("--higher-is-better", action="store_true", help="for metrics like eval_ssim_recon")
+    p.add_argument("--force", action="store_true", help="promote even if worse or not comparable")
+    common(p, uri=False)
+    p.set_defaults(func=_models_promote)
+
+    p = msub.add_parser("sample", help="a PNG grid of prior samples Dec(z), z ~ N(0, I)")
+    common(p)
+    p.add_argument("-n", type=int, default=64, help="images (default 64)")
+    p.add_argument("--seed", type=int, default=None, help="default: random")
+    p.add_argument("-o", "--out", required=True, help="PNG file")
+    p.set_defaults(func=_models_sample)
+
+    p = msub.add_parser("reconstruct", help="inputs over their reconstructions, as a PNG grid")
+    common(p)
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (the model's size)")
+    p.add_argument("-o", "--out", required=True, help="PNG file")
+    p.set_defaults(func=_models_reconstruct)
+
+    p = msub.add_parser("interpolate", help="A, decoded points of the line mu(A) -> mu(B), B")
+    common(p)
+    p.add_argument("a", metavar="A", help="image file")
+    p.add_argument("b", metavar="B", help="image file")
+    p.add_argument("--steps", type=int, default=8, help="points, ends included (default 8)")
+    p.add_argument("-o", "--out", required=True, help="PNG file")
+    p.set_defaults(func=_models_interpolate)
+
+    p = msub.add_parser("edit", help="add/remove attributes: input, reconstruction, edit per row")
+    common(p)
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument("--attr", action="append", required=True, metavar="NAME=STRENGTH",
+                   help="e.g. Eyeglasses=+1 (add) or Smiling=-1 (remove); repeatable")
+    p.add_argument("-o", "--out", required=True, help="PNG file")
+    p.set_defaults(func=_models_edit)
+
+    p = msub.add_parser("attributes", help="compute attribute vectors, score edits, register a new version")
+    common(p)
+    p.add_argument("--shards", required=True, help="labelled shards (the manifest's attributes are used)")
+    p.add_argument("--featurizer", help="attribute classifier dir (`vaegan eval train-featurizer --label-key "
+                   "all`); default: train one on the shards")
+    p.add_argument("--featurizer-steps", type=int, help="when training one (default 500)")
+    p.add_argument("--max-images", type=int, default=ATTRIBUTE_IMAGES,
+                   help=f"training images for the vectors (default {ATTRIBUTE_IMAGES}, as the authors)")
+    p.add_argument("--eval-images", type=int, default=1000, help="held-out images edited (default 1000)")
+    p.add_argument("--strength", type=float, default=1.0, help="edit strength scored (default 1)")
+    p.add_argument("--name", help="registered model name (default: the URI's)")
+    p.add_argument("--alias", help="point this alias at the new version")
+    p.add_argument("--experiment", default="vaegan", help="for a model from a folder (default vaegan)")
+    p.add_argument("--s3-endpoint", default="", help="default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL")
+    p.add_argument("--json", help="also write the edit report to this JSON file")
+    p.set_defaults(func=_models_attributes)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vaegan", description="Train and use VAE/GAN models (Larsen et al. 2016).")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_config(sub)
     _add_train(sub)
+    _add_tune(sub)
     _add_eval(sub)
     _add_data(sub)
     _add_bench(sub)
+    _add_models(sub)
     return parser
 
 

@@ -167,9 +167,10 @@ def train_loop_per_worker(config: dict) -> None:
                 logger.log_image(samples, "samples", state.step)
                 logger.log_image(recons, "reconstructions", state.step)
             if state.step % T.checkpoint_every == 0 or last:
-                _report_checkpoint(model, step, cfg, state, metrics, rank, logger, last)
-            elif metrics is not None:
-                ray.train.report(metrics)  # a barrier on every rank; reaches Tune too
+                _report_checkpoint(model, step, cfg, state, metrics, rank, logger, last,
+                                   register=config.get("register", True))
+            elif metrics is not None:  # a barrier on every rank; reaches Tune too (with its step)
+                ray.train.report({**metrics, "step": state.step})
             if last:
                 break
         else:  # the epoch ran out before the steps did
@@ -230,8 +231,10 @@ def _hms(seconds: float) -> str:
 
 
 def _report_checkpoint(model, step, cfg: Config, state: TrainState, metrics, rank: int, logger,
-                       last: bool) -> None:
-    """Rank 0 writes the checkpoint directory; every rank reports (a barrier)."""
+                       last: bool, register: bool = True) -> None:
+    """Rank 0 writes the checkpoint directory; every rank reports (a barrier). After the last
+    one rank 0 logs and registers the final model, unless `register` is off (a sweep's trials:
+    the sweep registers only its best trial)."""
     import ray.train
 
     metrics = metrics or {}
@@ -244,7 +247,7 @@ def _report_checkpoint(model, step, cfg: Config, state: TrainState, metrics, ran
         ray.train.report({**metrics, "step": state.step},
                          checkpoint=ray.train.Checkpoint.from_directory(str(path)))
         logger.log_checkpoint(path, state.step)
-        if last:
+        if last and register:
             uri = logger.finish(path, cfg.tracking.model_name, state.step)
             print(f"[vaegan] registered {uri}", flush=True)
     finally:
@@ -283,8 +286,8 @@ def resolve_featurizer(cfg: Config) -> str:
     """`train.eval_featurizer`, or one trained on the shards' labels and cached (first use)."""
     if not cfg.train.eval_every:
         return ""
-    if cfg.train.eval_featurizer:
-        return cfg.train.eval_featurizer
+    if cfg.train.eval_featurizer:  # absolute: workers run in another directory
+        return str(Path(cfg.train.eval_featurizer).resolve())
     from vaegan.data import read_manifest
     from vaegan.featurizer import train_featurizer
 
@@ -338,8 +341,9 @@ def _connect_ray(cfg: Config) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
         need = math.ceil(cfg.train.num_workers * cfg.train.cpus_per_worker)
-        ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False,
-                 log_to_driver=True)
+        # address="local": always a new local Ray, never a stale /tmp/ray cluster file's
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need),
+                 include_dashboard=False, log_to_driver=True)
 
 
 def _check_resources(cfg: Config) -> None:
@@ -358,11 +362,31 @@ def _check_resources(cfg: Config) -> None:
                          f"{T.num_workers} GPUs but the Ray cluster has {res.get('GPU', 0):g}")
 
 
-def fit(cfg: Config) -> FitResult:
-    """Check everything that can be checked, then train on Ray. Blocks until done."""
+def build_trainer(cfg: Config, run_id: str, uri: str, featurizer: str, storage_path: str, storage_fs,
+                  *, callbacks: list | None = None, register: bool = True):
+    """The TorchTrainer of one training run named `cfg.train.name`, everything resolved (data,
+    featurizer, storage, MLflow run). `fit` runs one; a Tune driver builds one per trial
+    (with Tune's report callback, and `register=False`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    T = cfg.train
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "mlflow_run_id": run_id, "tracking_uri": uri,
+                           "fault": os.environ.get(FAULT_ENV, ""), "featurizer": featurizer,
+                           "register": register},
+        scaling_config=ScalingConfig(num_workers=T.num_workers, use_gpu=T.use_gpu,
+                                     resources_per_worker={"CPU": T.cpus_per_worker}),
+        run_config=RunConfig(
+            name=T.name, storage_path=storage_path, storage_filesystem=storage_fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=T.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=T.max_failures), callbacks=callbacks),
+    )
+
+
+def fit(cfg: Config) -> FitResult:
+    """Check everything that can be checked, then train on Ray. Blocks until done."""
     from vaegan.tracking import resolve_tracking_uri, start_or_resume_run
 
     cfg.data.shards = resolve_data(cfg)
@@ -374,17 +398,7 @@ def fit(cfg: Config) -> FitResult:
     _connect_ray(cfg)
     _check_resources(cfg)
     T = cfg.train
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "mlflow_run_id": run_id, "tracking_uri": uri,
-                           "fault": os.environ.get(FAULT_ENV, ""), "featurizer": featurizer},
-        scaling_config=ScalingConfig(num_workers=T.num_workers, use_gpu=T.use_gpu,
-                                     resources_per_worker={"CPU": T.cpus_per_worker}),
-        run_config=RunConfig(
-            name=T.name, storage_path=storage_path, storage_filesystem=storage_fs,
-            checkpoint_config=CheckpointConfig(num_to_keep=T.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=T.max_failures)),
-    )
+    trainer = build_trainer(cfg, run_id, uri, featurizer, storage_path, storage_fs)
     try:
         result = trainer.fit()
     except Exception as e:  # Ray's TrainingFailedError wraps the worker's exception

@@ -1,0 +1,212 @@
+"""The Ray Tune sweep: a real 3-trial sweep (ASHA, one TorchTrainer per trial) on a real local
+Ray, tracked in a real MLflow server; and the bad-input checks, which need neither."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import mlflow
+import numpy as np
+import pytest
+
+from vaegan.cli import main
+from vaegan.config import load_config
+from vaegan.train import FAULT_ENV
+from vaegan.tune import SweepOptions, TuneError, check_options, forwards, reportable_metrics, sweep
+
+# ---------------------------------------------------------------------------------------
+# Bad input: clear messages before anything starts (no Ray, no MLflow)
+
+
+@pytest.mark.parametrize("lo, hi, match", [
+    (1.0, 1e-3, "range is inverted"),
+    (1e-2, 1e-2, "range is empty"),
+    (0.0, 1.0, "finite bounds > 0"),
+    (1e-3, math.inf, "finite bounds > 0"),
+])
+def test_bad_gamma_range_is_a_clear_error(lo, hi, match):
+    with pytest.raises(TuneError, match=match):
+        check_options(load_config("debug"), SweepOptions(gamma_min=lo, gamma_max=hi))
+
+
+def test_lr_range_needs_both_bounds_and_a_proper_range():
+    cfg = load_config("debug", overrides=["train.eval_every=5"])
+    with pytest.raises(TuneError, match="both --lr-min and --lr-max"):
+        check_options(cfg, SweepOptions(lr_min=1e-4))
+    with pytest.raises(TuneError, match="--lr-min 0.001 is above --lr-max 0.0001"):
+        check_options(cfg, SweepOptions(lr_min=1e-3, lr_max=1e-4))
+
+
+def test_a_metric_no_trial_reports_is_a_clear_error():
+    cfg = load_config("debug")  # eval_every=0: no eval_* metrics
+    with pytest.raises(TuneError, match=r"eval_fid_samples is reported only by periodic evaluation.*"
+                                        r"train.eval_every=0"):
+        check_options(cfg, SweepOptions())
+    with pytest.raises(TuneError, match=r"--metric 'fid'.*no trial reports it.*kl_prior"):
+        check_options(cfg, SweepOptions(metric="fid"))
+    with_eval = load_config("debug", overrides=["train.eval_every=5"])
+    assert "eval_ssim_recon" in reportable_metrics(with_eval)
+    assert check_options(with_eval, SweepOptions(metric="eval_ssim_recon")).mode == "max"
+    assert check_options(with_eval, SweepOptions()).mode == "min"
+
+
+def test_defaults_cover_paper_and_reference_gammas_and_fill_in():
+    opts = check_options(load_config("debug", overrides=["train.eval_every=5", "train.steps=40"]),
+                         SweepOptions())
+    assert opts.gamma_min <= 1e-6 and opts.gamma_max >= 1.0  # reference w/(1-w) ~ 1e-6; paper 1e-2..1
+    assert opts.name == "debug-sweep" and opts.workers_per_trial == 2
+    assert opts.grace_period == 5  # the first eval report
+
+
+def test_other_bad_options_are_clear_errors():
+    cfg = load_config("debug", overrides=["train.eval_every=5"])
+    with pytest.raises(TuneError, match="--grace-period 20: it must be in 1 .. train.steps - 1 = 19"):
+        check_options(cfg, SweepOptions(grace_period=20))
+    with pytest.raises(TuneError, match="--trials 0"):
+        check_options(cfg, SweepOptions(trials=0))
+    with pytest.raises(TuneError, match="--max-concurrent 0"):
+        check_options(cfg, SweepOptions(max_concurrent=0))
+    with pytest.raises(TuneError, match="--reduction-factor 1"):
+        check_options(cfg, SweepOptions(reduction_factor=1))
+    rare = load_config("debug", overrides=["train.steps=8", "train.log_every=10"])
+    with pytest.raises(TuneError, match="loss is reported only at the last step"):
+        check_options(rare, SweepOptions(metric="loss"))
+    reference = load_config("celeba64-reference", overrides=["train.eval_every=5"])
+    with pytest.raises(TuneError, match="loss.gamma acts only with .*recipe=paper"):
+        check_options(reference, SweepOptions())
+
+
+def test_tune_sees_reports_with_the_metric_but_not_the_last_step():
+    assert forwards("loss", 8, {"loss": 1.0, "step": 2})
+    assert not forwards("eval_fid_samples", 8, {"loss": 1.0, "step": 2})  # not an eval step
+    assert forwards("eval_fid_samples", 8, {"loss": 1.0, "eval_fid_samples": 3.0, "step": 4})
+    assert not forwards("loss", 8, {"loss": 1.0, "step": 8})  # the driver reports it after fit
+
+
+def test_cli_prints_one_line_and_exits_2(capsys):
+    code = main(["tune", "--preset", "debug", "train.eval_every=5", "--gamma-min", "1",
+                 "--gamma-max", "0.01"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("vaegan: error: --gamma-min 1 is above --gamma-max 0.01")
+    assert len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------
+# Real sweeps
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from vaegan.data import prepare
+
+    out = tmp_path_factory.mktemp("shards") / "mnist5k"
+    prepare("mnist5k", str(out), image_size=32, channels=1, shard_size=1000, progress=False)
+    return str(out)
+
+
+def sweep_cfg(tmp_path, shards, uri, *extra):
+    return load_config("debug", overrides=[
+        f"data.shards={shards}", f"train.storage_path={tmp_path / 'runs'}", f"tracking.tracking_uri={uri}",
+        "train.steps=8", "train.log_every=2", "train.checkpoint_every=4", "train.image_every=8",
+        "train.precision=fp32", "tracking.log_checkpoints=false", "data.loader_workers=0", *extra])
+
+
+@pytest.mark.slow
+def test_three_trial_sweep_asha_parent_child_runs_and_challenger(tmp_path, shards, mlflow_server, ray_local):
+    cfg = sweep_cfg(tmp_path, shards, mlflow_server, "tracking.experiment=tune",
+                    "tracking.model_name=tune-model")
+    # One trial at a time, so ASHA's cut-off at step 2 is known when each later trial gets there.
+    # `loss` falls steeply with gamma in [1e-6, 1e-2] over the first steps (the decoder follows
+    # the Dis_l term more), and seed 0 draws gammas in decreasing order (3.5e-4, 1.2e-5, 1.5e-6):
+    # the 2nd and 3rd trials are worse at step 2 than those before them, and are cut there.
+    opts = SweepOptions(name="s3t", trials=3, workers_per_trial=2, metric="loss", grace_period=2,
+                        reduction_factor=2, max_concurrent=1, gamma_min=1e-6, gamma_max=1e-2, seed=0)
+    res = sweep(cfg, opts)
+    client = mlflow.MlflowClient(mlflow_server)
+    parent = client.get_run(res.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.params["tune.trials"] == "3"
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{res.parent_run_id}'")
+    assert len(children) == 3 and {c.info.run_id for c in children} == {r.run_id for r in res.rows}
+    gammas = sorted(float(c.data.params["loss.gamma"]) for c in children)
+    assert gammas == sorted(r.gamma for r in res.rows) and all(1e-6 <= g <= 1e-2 for g in gammas)
+
+    # ASHA: Tune got steps 2, 4, 6 and the last from the completed trial, step 2 from the others
+    # (their workers may train a few steps more before the trial's process is gone)
+    by_gamma = sorted(res.rows, key=lambda r: -r.gamma)
+    assert [r.status for r in by_gamma] == ["completed", "stopped early", "stopped early"], res.rows
+    assert by_gamma[0].step == 8 and by_gamma[0].reports == 4
+    for r in by_gamma[1:]:
+        assert r.step == 2 and r.reports == 1
+        assert client.get_run(r.run_id).info.status == "KILLED"
+
+    # the summary on the parent: table, plot, best
+    artifacts = {a.path for a in client.list_artifacts(res.parent_run_id, "sweep")}
+    assert {"sweep/trials.json", "sweep/trials.md", "sweep/loss_vs_gamma.png"} <= artifacts
+    best = by_gamma[0]
+    assert res.best == best and parent.data.tags["vaegan.tune.best_run_id"] == best.run_id
+    assert parent.data.metrics["best_loss"] == pytest.approx(best.value)
+
+    # challenger: the best trial's final model, logged in its child run; trials register nothing
+    version = client.get_model_version_by_alias("tune-model", "challenger")
+    assert version.run_id == best.run_id and res.challenger_uri == "models:/tune-model@challenger"
+    assert len(client.search_model_versions("name='tune-model'")) == 1
+    mlflow.set_tracking_uri(mlflow_server)
+    model = mlflow.pyfunc.load_model(res.challenger_uri)
+    out = model.predict(np.zeros((1, 1, 32, 32), np.float32), params={"op": "sample", "n": 2})
+    assert out.shape == (2, 1, 32, 32)
+
+    # the same sweep again: restored, finished: same parent and trials, nothing new registered
+    again = sweep(cfg, opts)
+    assert again.parent_run_id == res.parent_run_id and again.rows == res.rows
+    assert len(client.search_model_versions("name='tune-model'")) == 1
+    with pytest.raises(TuneError, match=r"sweep s3t exists with other settings \(tune.gamma_max: 0.01 ->"):
+        sweep(cfg, dataclasses.replace(opts, gamma_max=0.1))
+
+
+@pytest.fixture(scope="module")
+def featurizer(shards, tmp_path_factory):
+    from vaegan.featurizer import train_featurizer
+
+    out = tmp_path_factory.mktemp("featurizer")
+    train_featurizer(shards, "digit", out, steps=10)
+    return str(out)
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_its_trial_from_the_checkpoint(tmp_path, shards, featurizer,
+                                                                  mlflow_server, ray_local, monkeypatch):
+    """On an eval metric (reported every 4th step only); the trial dies after step 5 (its
+    checkpoint is step 4); the same sweep again resumes it there, in the same child run."""
+    cfg = sweep_cfg(tmp_path, shards, mlflow_server, "tracking.experiment=tune-resume",
+                    "tracking.model_name=tune-resume", "train.eval_every=4", "train.eval_images=32",
+                    f"train.eval_featurizer={featurizer}", "train.max_failures=0")
+    opts = SweepOptions(name="resumed", trials=1, workers_per_trial=1, grace_period=4)
+    monkeypatch.setenv(FAULT_ENV, f"5:{tmp_path / 'fault-marker'}")
+    first = sweep(cfg, opts)
+    (row,) = first.rows
+    assert row.status == "failed" and "injected fault at step 5" in row.error and not first.best
+    client = mlflow.MlflowClient(mlflow_server)
+    assert client.get_run(first.parent_run_id).info.status == "FAILED"
+    monkeypatch.delenv(FAULT_ENV)
+
+    res = sweep(cfg, opts)
+    (row,) = res.rows
+    assert res.parent_run_id == first.parent_run_id and row.run_id == first.rows[0].run_id
+    assert row.status == "completed" and row.step == 8 and math.isfinite(row.value)
+    history = client.get_metric_history(row.run_id, "eval_fid_samples")
+    assert sorted(m.step for m in history) == [4, 8]  # step 8 once, after the resume
+    assert client.get_model_version_by_alias("tune-resume", "challenger").run_id == row.run_id
+    assert client.get_run(res.parent_run_id).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_too_many_concurrent_trials_fail_before_any_run(tmp_path, shards, mlflow_server, ray_local):
+    cfg = sweep_cfg(tmp_path, shards, mlflow_server, "tracking.experiment=tune-bad")
+    opts = SweepOptions(name="too-wide", trials=8, max_concurrent=8, workers_per_trial=2, metric="loss")
+    with pytest.raises(TuneError, match=r"--max-concurrent 8 trials x \(0.25 CPU for the trial \+ 2 workers"
+                                        r" x train.cpus_per_worker=0.5\) needs 10 CPUs but the Ray "
+                                        r"cluster has 8"):
+        sweep(cfg, opts)
+    assert mlflow.MlflowClient(mlflow_server).get_experiment_by_name("tune-bad") is None

@@ -1,0 +1,604 @@
+"""Ray Tune sweep over gamma (and optionally the learning rate), in three layers:
+
+    sweep(cfg, opts)            the sweep: checks, one MLflow parent run, a Tuner with ASHA;
+                                then a summary table and a plot on the parent run, and the
+                                best trial's model registered with the alias `challenger`
+    driver_fn(config, sweep)    one trial (a Tune function trainable): its MLflow child run,
+                                and a TorchTrainer named after the trial id whose reports
+                                reach Tune through `TuneReportCallback` (ASHA needs them)
+    train_loop_per_worker       one DDP rank: vaegan.train's loop, unchanged
+
+gamma is searched log-uniformly: the default range [1e-7, 1] covers the paper's gamma
+(1e-2 .. 1) and the reference recipe's w / (1 - w) ~ 1e-6. ASHA's time axis is the training
+step, so `--grace-period` counts steps.
+
+A sweep is named (`--name`); starting it again with the same name resumes it
+(`Tuner.restore`): finished trials stay finished, interrupted or failed ones continue from
+their latest checkpoint, each in its own MLflow child run under the same parent run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vaegan.config import Config, config_from_dict
+from vaegan.tracking import RUN_NAME_TAG
+
+CHALLENGER = "challenger"
+PARENT_TAG = "mlflow.parentRunId"  # what makes MLflow show a run nested under another
+SWEEP_TAG = "vaegan.sweep"
+TRIAL_TAG = "vaegan.trial_id"
+MAXIMIZE = ("eval_ssim_recon", "eval_recognisable", "images_per_s")  # the others: lower is better
+LOCAL_MIN_CPUS = 8  # logical CPUs of a local Ray (PLATFORM.md: 2 made a multi-trial sweep hang)
+
+
+class TuneError(ValueError):
+    """A sweep that cannot start as asked; the message says why and what to change."""
+
+
+class SweepError(RuntimeError):
+    """A sweep ran but some of its trials failed or did not finish; running it again resumes."""
+
+
+@dataclass
+class SweepOptions:
+    """What `vaegan tune` takes besides the config (the config is the trials' base)."""
+
+    name: str = ""
+    """The sweep's name; empty: TRAIN_NAME-sweep. Starting a sweep again with its name resumes it."""
+    trials: int = 8
+    """Trials (gamma samples)."""
+    gamma_min: float = 1e-7
+    gamma_max: float = 1.0
+    """loss.gamma is drawn log-uniformly from [gamma_min, gamma_max]."""
+    lr_min: float | None = None
+    lr_max: float | None = None
+    """If both are set, optim.lr is drawn log-uniformly from [lr_min, lr_max] too."""
+    workers_per_trial: int = 0
+    """Ray Train workers per trial; 0: train.num_workers."""
+    metric: str = "eval_fid_samples"
+    """What ASHA and the choice of the best trial look at: a metric the loop reports."""
+    mode: str = ""
+    """min | max; empty: max for eval_ssim_recon, eval_recognisable, images_per_s, else min."""
+    grace_period: int = 0
+    """Steps every trial runs before ASHA may stop it; 0: about train.steps / 8, at least one
+    report of the metric."""
+    reduction_factor: float = 3.0
+    """ASHA keeps the best 1 / reduction_factor of the trials at each rung."""
+    max_concurrent: int = 1
+    """Trials running at the same time (on 2 cores, one trial's workers already fill them)."""
+    trial_cpus: float = 0.25
+    """Logical CPUs of each trial's driver process (its workers ask train.cpus_per_worker each)."""
+    seed: int = 0
+    """Seed of the search (which gammas are drawn)."""
+
+
+@dataclass
+class TrialRow:
+    trial_id: str
+    run_id: str
+    gamma: float
+    lr: float
+    status: str
+    """completed | stopped early | failed | unfinished"""
+    step: int
+    reports: int
+    """Results Tune received (those carrying the metric)."""
+    value: float
+    """The metric at the trial's last report."""
+    checkpoint_path: str = ""
+    error: str = ""
+
+
+@dataclass
+class SweepResult:
+    name: str
+    parent_run_id: str
+    tracking_uri: str
+    metric: str
+    mode: str
+    rows: list[TrialRow] = field(default_factory=list)
+    best: TrialRow | None = None
+    challenger_uri: str = ""
+    storage: str = ""
+
+    @property
+    def failed(self) -> list[TrialRow]:
+        return [r for r in self.rows if r.status in ("failed", "unfinished")]
+
+
+# ---------------------------------------------------------------------------------------
+# Checks: everything that can be known before a trial starts
+
+
+def reportable_metrics(cfg: Config) -> list[str]:
+    """The metric names the worker loop reports with this config."""
+    from vaegan.losses import StepMetrics
+
+    names = [*StepMetrics._fields, "images_per_s", "skipped_samples"]
+    if cfg.train.eval_every:
+        from vaegan.evaluate import EvalMetrics
+
+        names += [f"eval_{f}" for f in EvalMetrics._fields]
+    return names
+
+
+def _check_range(flag: str, lo: float, hi: float) -> None:
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo <= 0:
+        raise TuneError(f"--{flag}-min {lo:g} .. --{flag}-max {hi:g}: a log-uniform search range "
+                        "needs finite bounds > 0")
+    if lo > hi:
+        raise TuneError(f"--{flag}-min {lo:g} is above --{flag}-max {hi:g}: the range is inverted; "
+                        "swap them")
+    if lo == hi:
+        raise TuneError(f"--{flag}-min = --{flag}-max = {lo:g}: the range is empty; widen it (or "
+                        f"train once with {'loss.gamma' if flag == 'gamma' else 'optim.lr'}={lo:g})")
+
+
+def check_options(cfg: Config, opts: SweepOptions) -> SweepOptions:
+    """Validate the sweep against its base config; -> the options with defaults filled in."""
+    opts = dataclasses.replace(opts)
+    opts.name = opts.name or f"{cfg.train.name}-sweep"
+    if "/" in opts.name:
+        raise TuneError(f"--name {opts.name!r}: a sweep name cannot contain '/'")
+    _check_range("gamma", opts.gamma_min, opts.gamma_max)
+    if (opts.lr_min is None) != (opts.lr_max is None):
+        raise TuneError("give both --lr-min and --lr-max to search the learning rate, or neither")
+    if opts.lr_min is not None:
+        _check_range("lr", opts.lr_min, opts.lr_max)
+    if cfg.loss.mode != "vaegan" or cfg.loss.recipe != "paper":
+        raise TuneError(f"loss.gamma acts only with loss.mode=vaegan loss.recipe=paper (got "
+                        f"{cfg.loss.mode}, {cfg.loss.recipe}); a sweep over it would train the same "
+                        "model N times")
+    for flag, value in (("trials", opts.trials), ("max-concurrent", opts.max_concurrent)):
+        if value < 1:
+            raise TuneError(f"--{flag} {value}: it must be an integer >= 1")
+    opts.workers_per_trial = opts.workers_per_trial or cfg.train.num_workers
+    if opts.workers_per_trial < 1:
+        raise TuneError(f"--workers-per-trial {opts.workers_per_trial}: it must be an integer >= 1")
+    if not opts.reduction_factor > 1:
+        raise TuneError(f"--reduction-factor {opts.reduction_factor:g}: it must be > 1")
+    if not opts.trial_cpus > 0:
+        raise TuneError(f"trial_cpus={opts.trial_cpus:g}: it must be > 0")
+
+    known = reportable_metrics(cfg)
+    if opts.metric not in known:
+        if opts.metric.startswith("eval_") and not cfg.train.eval_every:
+            raise TuneError(f"--metric {opts.metric} is reported only by periodic evaluation, which is "
+                            "off (train.eval_every=0): set train.eval_every=V (and train.eval_featurizer), "
+                            "or pick a step metric such as --metric loss")
+        raise TuneError(f"--metric {opts.metric!r}: no trial reports it; the loop reports: "
+                        f"{', '.join(known)}")
+    opts.mode = opts.mode or ("max" if opts.metric in MAXIMIZE else "min")
+    if opts.mode not in ("min", "max"):
+        raise TuneError(f"--mode {opts.mode!r}: choose one of: min | max")
+
+    # ASHA's time axis is the step; the metric arrives every `every` steps (and at the end).
+    T = cfg.train
+    every = T.eval_every if opts.metric.startswith("eval_") else T.log_every
+    if every >= T.steps:
+        raise TuneError(f"{opts.metric} is reported only at the last step (every {every} steps, "
+                        f"train.steps={T.steps}): ASHA could not compare trials before they end; lower "
+                        f"train.{'eval_every' if opts.metric.startswith('eval_') else 'log_every'}")
+    if not opts.grace_period:
+        opts.grace_period = max(every, T.steps // 8 // every * every)
+    if not 1 <= opts.grace_period < T.steps:
+        raise TuneError(f"--grace-period {opts.grace_period}: it must be in 1 .. train.steps - 1 = "
+                        f"{T.steps - 1} (ASHA never stops a trial before its grace period)")
+    if opts.grace_period < every and every < T.steps:
+        print(f"[vaegan] note: {opts.metric} is reported every {every} steps, so ASHA first "
+              f"compares trials at step {every}, not {opts.grace_period}", flush=True)
+    return opts
+
+
+def _check_featurizer(featurizer: str, metric: str) -> None:
+    """The featurizer loads (before any trial fails on it); eval_recognisable needs a softmax one."""
+    if not featurizer:
+        return
+    from vaegan.featurizer import load_featurizer
+
+    kind = load_featurizer(featurizer).kind
+    if metric == "eval_recognisable" and kind != "softmax":
+        raise TuneError(f"--metric eval_recognisable needs a softmax (class) featurizer; "
+                        f"{featurizer} is {kind}: pick eval_fid_samples or another metric")
+
+
+def per_trial_cpus(cfg: Config, opts: SweepOptions) -> float:
+    return opts.trial_cpus + opts.workers_per_trial * cfg.train.cpus_per_worker
+
+
+def _connect_ray(cfg: Config, opts: SweepOptions) -> None:
+    """RAY_ADDRESS when set, else a local Ray with logical CPUs to spare: a trial's resources
+    are freed a little after it ends, and a cluster sized exactly made the next trial wait
+    forever (PLATFORM.md)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS", "local") != "local":
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        return
+    need = min(opts.max_concurrent, opts.trials) * per_trial_cpus(cfg, opts)
+    # address="local": a new Ray even when /tmp/ray names another (or a dead) cluster
+    ray.init(address="local", num_cpus=max(LOCAL_MIN_CPUS, os.cpu_count() or 1, math.ceil(2 * need)),
+             include_dashboard=False, log_to_driver=True)
+
+
+def check_resources(cfg: Config, opts: SweepOptions) -> None:
+    """A clear error instead of trials that wait forever for CPUs (or GPUs) nobody has."""
+    import ray
+
+    res = ray.cluster_resources()
+    concurrent = min(opts.max_concurrent, opts.trials)
+    k, cpw = opts.workers_per_trial, cfg.train.cpus_per_worker
+    need = concurrent * per_trial_cpus(cfg, opts)
+    have = res.get("CPU", 0)
+    if need > have + 1e-9:
+        raise TuneError(f"--max-concurrent {concurrent} trials x ({opts.trial_cpus:g} CPU for the trial + "
+                        f"{k} workers x train.cpus_per_worker={cpw:g}) needs {need:g} CPUs but the Ray "
+                        f"cluster has {have:g}; lower --max-concurrent, --workers-per-trial or "
+                        "train.cpus_per_worker, or add nodes")
+    if cfg.train.use_gpu and concurrent * k > res.get("GPU", 0):
+        raise TuneError(f"--max-concurrent {concurrent} trials x {k} GPU workers needs {concurrent * k} "
+                        f"GPUs but the Ray cluster has {res.get('GPU', 0):g}")
+
+
+# ---------------------------------------------------------------------------------------
+# The driver: one trial
+
+
+def _trial_dirname(trial) -> str:
+    return trial.trial_id  # short folders: the default name spells out every parameter
+
+
+def trial_config(base: dict, params: dict, name: str) -> Config:
+    """The trial's config: the sweep's base with the searched values and the trial's name."""
+    cfg = config_from_dict(base)
+    cfg.loss.gamma = float(params["gamma"])
+    if "lr" in params:
+        cfg.optim.lr = float(params["lr"])
+    cfg.train.name = name
+    return cfg.validate()
+
+
+def forwards(metric: str, steps: int, report: dict) -> bool:
+    """Which of rank 0's reports reach Tune: those that carry the sweep's metric (Tune rejects
+    results without it; eval_* come only every train.eval_every steps), except the last
+    step's: a trial that ASHA stops is killed at once, and after the last report rank 0 still
+    logs to MLflow. `driver_fn` reports the last step itself once training has returned."""
+    return metric in report and report.get("step", 0) < steps
+
+
+def _report_callback(metric: str, steps: int):
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class SweepReportCallback(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if forwards(metric, steps, metrics[0]):
+                super().after_report(run_context, metrics, checkpoint)
+
+    return SweepReportCallback()
+
+
+def driver_fn(config: dict, ctx: dict) -> None:
+    """One trial: an MLflow child run of the sweep's parent run and a TorchTrainer named
+    SWEEP-TRIAL_ID (so a resumed sweep resumes the trial's training run). Runs in the trial's
+    process: use ray.tune here, not ray.train."""
+    import mlflow
+    import ray.tune
+
+    from vaegan.tracking import start_or_resume_run
+    from vaegan.train import FAULT_ENV, _storage, build_trainer
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = trial_config(ctx["cfg"], config, f"{ctx['name']}-{trial_id}")
+    cfg.train.num_workers = ctx["workers"]
+    cfg.train.storage_path = ctx["trials_storage"]
+    uri = cfg.tracking.tracking_uri
+    run_id = start_or_resume_run(uri, cfg.tracking.experiment, cfg.train.name, cfg.flat())
+    client = mlflow.MlflowClient(uri)
+    for key, value in ((PARENT_TAG, ctx["parent_run_id"]), (SWEEP_TAG, ctx["name"]),
+                       (TRIAL_TAG, trial_id)):
+        client.set_tag(run_id, key, value)
+    if ctx["fault"]:  # fault injection (tests, drills): see vaegan.train.FAULT_ENV
+        os.environ[FAULT_ENV] = ctx["fault"]
+    storage_path, storage_fs = _storage(cfg)
+    metric, steps = ctx["metric"], cfg.train.steps
+    trainer = build_trainer(cfg, run_id, uri, ctx["featurizer"], storage_path, storage_fs,
+                            callbacks=[_report_callback(metric, steps)], register=False)
+    result = trainer.fit()  # raises if training failed: the trial fails
+    final = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+    if metric not in final:  # read it back from the child run (PLATFORM.md: metrics can be None)
+        final.update(client.get_run(run_id).data.metrics)
+    final["step"] = steps
+    final["checkpoint_path"] = result.checkpoint.path if result.checkpoint else ""
+    ray.tune.report(final)
+
+
+# ---------------------------------------------------------------------------------------
+# The sweep
+
+
+def search_space(opts: SweepOptions) -> dict[str, Any]:
+    from ray import tune
+
+    space = {"gamma": tune.loguniform(opts.gamma_min, opts.gamma_max)}
+    if opts.lr_min is not None:
+        space["lr"] = tune.loguniform(opts.lr_min, opts.lr_max)
+    return space
+
+
+def _sweep_params(cfg: Config, opts: SweepOptions) -> dict[str, Any]:
+    """The parent run's params: the trials' base config and the sweep's options."""
+    return {**cfg.flat(), **{f"tune.{k}": v for k, v in dataclasses.asdict(opts).items()}}
+
+
+def _parent_run(uri: str, cfg: Config, opts: SweepOptions) -> str:
+    """Create the sweep's parent run, or find it again (by name); a resumed sweep must be the
+    same sweep, and a training run of that name is not one."""
+    import mlflow
+
+    from vaegan.tracking import check_reachable, start_or_resume_run
+
+    params = {k: str(v) for k, v in _sweep_params(cfg, opts).items()}
+    check_reachable(uri)
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    found = exp and client.search_runs([exp.experiment_id], max_results=1,
+                                       filter_string=f"tags.`{RUN_NAME_TAG}` = '{opts.name}'",
+                                       order_by=["attributes.start_time DESC"])
+    if found:
+        before = found[0].data.params
+        if "tune.trials" not in before:
+            raise TuneError(f"experiment {cfg.tracking.experiment} has a training run named {opts.name}; "
+                            "give the sweep another --name")
+        changed = [f"{k}: {before[k]} -> {v}" for k, v in params.items() if k in before and before[k] != v]
+        if changed:
+            raise TuneError(f"sweep {opts.name} exists with other settings ({'; '.join(changed[:5])}); "
+                            "resume it with its own settings, or start another with --name")
+    run_id = start_or_resume_run(uri, cfg.tracking.experiment, opts.name, params)
+    client.set_tag(run_id, SWEEP_TAG, opts.name)
+    return run_id
+
+
+def sweep(cfg: Config, opts: SweepOptions) -> SweepResult:
+    """Check, then run (or resume) the sweep on Ray; summarise it in MLflow and register the
+    best completed trial as `challenger`. Blocks until done."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from vaegan.tracking import resolve_tracking_uri
+    from vaegan.train import FAULT_ENV, _storage, resolve_data, resolve_featurizer
+
+    cfg = config_from_dict(cfg.to_dict())  # the caller's config stays as it was
+    opts = check_options(cfg, opts)
+    cfg.data.shards = resolve_data(cfg)
+    featurizer = resolve_featurizer(cfg)
+    if featurizer and "://" not in featurizer:
+        featurizer = str(Path(featurizer).resolve())  # trials and workers run in other folders
+    _check_featurizer(featurizer, opts.metric)
+    storage_path, storage_fs = _storage(cfg)
+    cfg.tracking.tracking_uri = uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
+    _connect_ray(cfg, opts)
+    check_resources(cfg, opts)
+    parent = _parent_run(uri, cfg, opts)
+
+    base = cfg.train.storage_path.rstrip("/") if cfg.train.storage_path.startswith("s3://") else storage_path
+    ctx = {"cfg": cfg.to_dict(), "name": opts.name, "parent_run_id": parent, "metric": opts.metric,
+           "workers": opts.workers_per_trial, "featurizer": featurizer,
+           "trials_storage": f"{base}/{opts.name}-trials", "fault": os.environ.get(FAULT_ENV, "")}
+    trainable = tune.with_resources(tune.with_parameters(driver_fn, ctx=ctx), {"CPU": opts.trial_cpus})
+    path = f"{storage_path}/{opts.name}"
+    if tune.Tuner.can_restore(path, storage_filesystem=storage_fs):
+        print(f"[vaegan] resuming sweep {opts.name} from {path}", flush=True)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True, storage_filesystem=storage_fs)
+    else:
+        print(f"[vaegan] sweep {opts.name}: {opts.trials} trials, gamma in [{opts.gamma_min:g}, "
+              f"{opts.gamma_max:g}], {opts.workers_per_trial} worker(s) each, ASHA on {opts.metric} "
+              f"({opts.mode}) from step {opts.grace_period}, MLflow parent run {parent}", flush=True)
+        tuner = tune.Tuner(
+            trainable, param_space=search_space(opts),
+            tune_config=tune.TuneConfig(
+                metric=opts.metric, mode=opts.mode, num_samples=opts.trials,
+                reuse_actors=False,  # a trial's process dies with it (and its trainer's workers)
+                # the concurrency limit goes here: Tune ignores max_concurrent_trials with a generator
+                search_alg=BasicVariantGenerator(random_state=opts.seed, max_concurrent=opts.max_concurrent),
+                scheduler=ASHAScheduler(time_attr="step", max_t=cfg.train.steps,
+                                        grace_period=opts.grace_period,
+                                        reduction_factor=opts.reduction_factor),
+                trial_dirname_creator=_trial_dirname),
+            run_config=tune.RunConfig(name=opts.name, storage_path=storage_path,
+                                      storage_filesystem=storage_fs, verbose=1,
+                                      failure_config=tune.FailureConfig(max_failures=0)))
+    grid = tuner.fit()
+    res = SweepResult(opts.name, parent, uri, opts.metric, opts.mode,
+                      storage=f"{cfg.train.storage_path or storage_path}/{opts.name}")
+    res.rows = _rows(grid, cfg, opts)
+    _summarise(res, cfg, opts)
+    return res
+
+
+def _rows(grid, cfg: Config, opts: SweepOptions) -> list[TrialRow]:
+    """One row per trial, from Tune's results and the trials' MLflow child runs."""
+    import mlflow
+
+    client = mlflow.MlflowClient(cfg.tracking.tracking_uri)
+    experiment_id = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    rows = []
+    for result in grid:
+        m = result.metrics or {}
+        trial_id = m.get("trial_id") or _trial_id_from_path(result.path)
+        run = client.search_runs([experiment_id], max_results=1,
+                                 filter_string=f"tags.`{RUN_NAME_TAG}` = '{opts.name}-{trial_id}'")
+        step = int(m.get("step", 0))
+        if result.error:
+            status = "failed"
+        elif not m.get("done"):
+            status = "unfinished"
+        else:
+            status = "completed" if step >= cfg.train.steps else "stopped early"
+        history = result.metrics_dataframe
+        rows.append(TrialRow(
+            trial_id=trial_id, run_id=run[0].info.run_id if run else "",
+            gamma=float(result.config["gamma"]), lr=float(result.config.get("lr", cfg.optim.lr)),
+            status=status, step=step, reports=0 if history is None else len(history),
+            value=float(m.get(opts.metric, math.nan)), checkpoint_path=m.get("checkpoint_path", ""),
+            error="" if not result.error else str(result.error).strip().splitlines()[-1][:300]))
+    return sorted(rows, key=lambda r: r.trial_id)
+
+
+def _trial_id_from_path(path: str) -> str:
+    found = re.search(r"([0-9a-f]{5}_\d{5})", os.path.basename(str(path).rstrip("/")))
+    return found.group(1) if found else os.path.basename(str(path))
+
+
+def best_row(rows: list[TrialRow], mode: str) -> TrialRow | None:
+    """The best completed trial (trials ASHA stopped were judged on fewer steps)."""
+    done = [r for r in rows if r.status == "completed" and math.isfinite(r.value)]
+    if not done:
+        return None
+    return (min if mode == "min" else max)(done, key=lambda r: r.value)
+
+
+def _summarise(res: SweepResult, cfg: Config, opts: SweepOptions) -> None:
+    """On the parent run: the table, the plot, the best trial; child runs get their final
+    status; the best completed trial's model is registered as `challenger`."""
+    import mlflow
+
+    client = mlflow.MlflowClient(res.tracking_uri)
+    for r in res.rows:
+        if not r.run_id:
+            continue
+        client.set_tag(r.run_id, "vaegan.tune.status", r.status)
+        if r.status == "stopped early":  # its workers were killed mid-run: the run stays RUNNING
+            client.set_terminated(r.run_id, status="KILLED")
+        elif r.status == "failed":
+            client.set_terminated(r.run_id, status="FAILED")
+    table = {k: [getattr(r, k) for r in res.rows]
+             for k in ("trial_id", "run_id", "gamma", "lr", "status", "step", "reports", "value", "error")}
+    table[opts.metric] = table.pop("value")
+    client.log_table(res.parent_run_id, data=table, artifact_file="sweep/trials.json")
+    client.log_text(res.parent_run_id, format_table(res), "sweep/trials.md")
+    client.log_figure(res.parent_run_id, plot(res, opts), f"sweep/{opts.metric}_vs_gamma.png")
+    res.best = best_row(res.rows, opts.mode)
+    if res.best:
+        b = res.best
+        client.log_metric(res.parent_run_id, f"best_{opts.metric}", b.value)
+        for key, value in (("best_trial", b.trial_id), ("best_run_id", b.run_id),
+                           ("best_gamma", f"{b.gamma:.6g}"), ("best_lr", f"{b.lr:.6g}")):
+            client.set_tag(res.parent_run_id, f"vaegan.tune.{key}", value)
+        res.challenger_uri = register_challenger(b, cfg, res.tracking_uri)
+        client.set_tag(res.parent_run_id, "vaegan.tune.challenger", res.challenger_uri)
+    unfinished = [r for r in res.rows if r.status == "unfinished"]
+    client.set_terminated(res.parent_run_id, status="KILLED" if unfinished else
+                          "FAILED" if res.failed or not res.best else "FINISHED")
+
+
+def register_challenger(best: TrialRow, cfg: Config, uri: str) -> str:
+    """Log the best trial's final checkpoint as the model of its child run and register it
+    under tracking.model_name with the alias `challenger` (once: a resumed, already finished
+    sweep finds it there)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from ray.train import Checkpoint
+
+    from vaegan.registry import log_checkpoint_model, register
+
+    name = cfg.tracking.model_name
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    try:
+        if client.get_model_version_by_alias(name, CHALLENGER).run_id == best.run_id:
+            return f"models:/{name}@{CHALLENGER}"
+    except MlflowException:
+        pass  # no challenger yet
+    if not best.checkpoint_path:
+        raise SweepError(f"trial {best.trial_id} reported no final checkpoint; cannot register it")
+    from vaegan.train import _storage
+
+    _, fs = _storage(cfg)
+    checkpoint = Checkpoint(best.checkpoint_path, filesystem=fs)
+    with checkpoint.as_directory() as d, mlflow.start_run(run_id=best.run_id):
+        info = log_checkpoint_model(d, name="model", step=best.step)
+    return register(info.model_uri, name, alias=CHALLENGER)
+
+
+def format_table(res: SweepResult) -> str:
+    """The trials as a markdown table, best first (completed, then the rest)."""
+    sign = 1 if res.mode == "min" else -1
+    order = {"completed": 0, "stopped early": 1, "failed": 2, "unfinished": 3}
+    rows = sorted(res.rows, key=lambda r: (order[r.status], sign * r.value if math.isfinite(r.value)
+                                           else math.inf))
+    lines = [f"| trial | gamma | lr | status | step | {res.metric} | MLflow run |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        best = " (best)" if res.best and r.trial_id == res.best.trial_id else ""
+        lines.append(f"| {r.trial_id}{best} | {r.gamma:.3g} | {r.lr:.3g} | {r.status} | {r.step} | "
+                     f"{r.value:.5g} | {r.run_id} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: SweepResult, opts: SweepOptions):
+    """The metric at each trial's last report against gamma (log axis); marker by status."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    styles = {"completed": ("o", "tab:blue"), "stopped early": ("x", "tab:orange"),
+              "failed": ("v", "tab:red"), "unfinished": ("s", "tab:grey")}
+    for status, (marker, color) in styles.items():
+        rows = [r for r in res.rows if r.status == status and math.isfinite(r.value)]
+        if rows:
+            ax.scatter([r.gamma for r in rows], [r.value for r in rows], marker=marker, color=color,
+                       label=f"{status} ({len(rows)})")
+            if status != "completed":  # judged at an earlier step than the completed ones
+                for r in rows:
+                    ax.annotate(f"step {r.step}", (r.gamma, r.value), fontsize=7,
+                                xytext=(4, 4), textcoords="offset points")
+    best = best_row(res.rows, opts.mode)
+    if best:
+        ax.scatter([best.gamma], [best.value], s=160, facecolors="none", edgecolors="k",
+                   label=f"best: gamma={best.gamma:.3g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("loss.gamma")
+    ax.set_ylabel(f"{opts.metric} at the trial's last report")
+    ax.set_title(f"sweep {res.name}: {opts.metric} ({opts.mode}) vs gamma")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def main_tune(cfg: Config, opts: SweepOptions) -> SweepResult:
+    """What `vaegan tune` and jobs/tune.py run: sweep, then say where everything is."""
+    res = sweep(cfg, opts)
+    print(f"\n[vaegan] sweep {res.name}: {res.metric} ({res.mode})\n{format_table(res)}"
+          f"  MLflow parent run: {res.parent_run_id} ({res.tracking_uri})\n"
+          f"  sweep storage:     {res.storage} (trials' checkpoints: {res.storage}-trials)",
+          file=sys.stdout, flush=True)
+    if res.best:
+        print(f"  challenger:        {res.challenger_uri} (trial {res.best.trial_id}, "
+              f"gamma={res.best.gamma:.3g})", flush=True)
+    if res.failed:
+        why = "; ".join(f"{r.trial_id}: {r.error or r.status}" for r in res.failed)
+        raise SweepError(f"sweep {res.name}: {len(res.failed)} of {len(res.rows)} trials failed or did "
+                         f"not finish ({why}); run the same command again to resume them")
+    if not res.best:
+        raise SweepError(f"sweep {res.name}: no trial completed with {res.metric}; nothing registered")
+    return res
+
+
+__all__ = ["SweepOptions", "SweepResult", "TuneError", "SweepError", "sweep", "main_tune", "driver_fn",
+           "check_options", "reportable_metrics"]
+
