@@ -295,7 +295,7 @@ def mnist32() -> Config:
         loss=LossConfig(gamma=1e-3, generator="nonsaturating"),
         optim=OptimConfig(name="adam", lr=5e-4),
         data=DataConfig(source="mnist5k", flip=False, batch_size=32),
-        train=TrainConfig(steps=2400, name="mnist32", log_every=50, checkpoint_every=800,
+        train=TrainConfig(steps=1800, name="mnist32", log_every=50, checkpoint_every=600,
                           image_every=400),
         tracking=TrackingConfig(model_name="vaegan-mnist32"),
     )
