@@ -483,7 +483,9 @@ def register_attribute_version(uri: str, shards: str, *, featurizer: str | None 
     with tempfile.TemporaryDirectory(prefix="vaegan-attrs-") as tmp:
         files = checkpoint_files(edited.save(tmp))
         if run_id:
-            run = mlflow.start_run(run_id=run_id)
+            from vaegan.tracking import start_run_by_id
+
+            run = start_run_by_id(run_id)
         else:
             exp = mlflow.set_experiment(experiment)
             run = mlflow.start_run(experiment_id=exp.experiment_id, run_name=f"attributes-{name}")

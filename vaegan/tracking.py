@@ -77,6 +77,15 @@ def start_or_resume_run(uri: str, experiment: str, run_name: str, params: dict[s
     return run.info.run_id
 
 
+def start_run_by_id(run_id: str):
+    """`mlflow.start_run(run_id=...)` that works whatever experiment the process made active
+    earlier (MLflow refuses a run of another experiment than the fluent active one)."""
+    import mlflow
+
+    mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(run_id).info.experiment_id)
+    return mlflow.start_run(run_id=run_id)
+
+
 class NullLogger:
     """What ranks other than 0 get: every call does nothing."""
 
@@ -101,7 +110,7 @@ class MlflowLogger(NullLogger):
         self.run_id = run_id
         self.log_checkpoints = log_checkpoints
         # The run stays active in this process so log_model attaches to it; `end` closes it.
-        mlflow.start_run(run_id=run_id)
+        start_run_by_id(run_id)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric

@@ -527,7 +527,9 @@ def register_challenger(best: TrialRow, cfg: Config, uri: str) -> str:
 
     _, fs = _storage(cfg)
     checkpoint = Checkpoint(best.checkpoint_path, filesystem=fs)
-    with checkpoint.as_directory() as d, mlflow.start_run(run_id=best.run_id):
+    from vaegan.tracking import start_run_by_id
+
+    with checkpoint.as_directory() as d, start_run_by_id(best.run_id):
         info = log_checkpoint_model(d, name="model", step=best.step)
     return register(info.model_uri, name, alias=CHALLENGER)
 
