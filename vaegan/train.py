@@ -264,7 +264,7 @@ def resolve_data(cfg: Config) -> str:
 
     shards = cfg.data.shards
     if not shards:
-        shards = str(Path("data") .resolve() / cfg.data.source.replace(":", "-"))
+        shards = str(Path("data").resolve() / cfg.data.source.replace(":", "-"))
         if not (Path(shards) / "manifest.json").is_file():
             print(f"[vaegan] preparing {cfg.data.source} shards in {shards}", flush=True)
             prepare(cfg.data.source, shards, image_size=cfg.model.image_size,
