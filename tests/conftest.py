@@ -13,6 +13,16 @@ def debug_cfg():
     return load_config("debug", overrides=["train.precision=fp32"])
 
 
+@pytest.fixture(scope="session")
+def mnist_shards(tmp_path_factory):
+    """mnist5k as 32x32 shards, prepared once for every integration test."""
+    from vaegan.data import prepare
+
+    out = tmp_path_factory.mktemp("shards") / "mnist5k"
+    prepare("mnist5k", str(out), image_size=32, channels=1, shard_size=1000, progress=False)
+    return str(out)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

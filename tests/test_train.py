@@ -15,15 +15,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="session")
-def mnist_shards(tmp_path_factory):
-    from vaegan.data import prepare
-
-    out = tmp_path_factory.mktemp("shards") / "mnist5k"
-    prepare("mnist5k", str(out), image_size=32, channels=1, shard_size=1000, progress=False)
-    return str(out)
-
-
-@pytest.fixture(scope="session")
 def featurizer(mnist_shards, tmp_path_factory):
     from vaegan.featurizer import train_featurizer
 

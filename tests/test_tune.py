@@ -97,12 +97,8 @@ def test_cli_prints_one_line_and_exits_2(capsys):
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from vaegan.data import prepare
-
-    out = tmp_path_factory.mktemp("shards") / "mnist5k"
-    prepare("mnist5k", str(out), image_size=32, channels=1, shard_size=1000, progress=False)
-    return str(out)
+def shards(mnist_shards):
+    return mnist_shards
 
 
 def sweep_cfg(tmp_path, shards, uri, *extra):
