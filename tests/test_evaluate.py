@@ -296,11 +296,15 @@ def test_evaluate_model_on_an_untrained_debug_model(val_images, digit_featurizer
     result = evaluate_model(model, images, digit_featurizer, n=64, seed=0, batch_size=32)
     assert isinstance(result, EvalMetrics)
     assert result._fields == ("fid_samples", "fid_recon", "mse_recon", "ssim_recon", "dis_l_recon",
-                              "recognisable", "n_images")
+                              "recognisable", "recognisable_p50", "recognisable_real",
+                              "n_images")
     assert result.n_images == 64
     for name, value in result._asdict().items():
         assert math.isfinite(value), name
     assert 0 <= result.recognisable <= 1 and -1 <= result.ssim_recon <= 1 and result.mse_recon > 0
+    # The reference share on real digits: the featurizer was trained on such digits.
+    assert result.recognisable_real > 0.5
+    assert result.recognisable <= result.recognisable_p50  # p > 0.9 implies p > 0.5
     assert model.training, "the caller's mode is restored (the training loop calls this)"
     metrics = result.as_metrics()
     assert set(metrics) == {f"eval_{k}" for k in result._fields}

@@ -25,7 +25,8 @@ Gaussian window, sigma 1.5, K1 = 0.01, K2 = 0.03, mean over the valid window pos
 the channels), and `dis_l_recon` = mean 1/2 ||Dis_l(x) - Dis_l(x~)||^2, the paper's learned
 similarity measured with the model's own discriminator in eval mode (not comparable across
 models: each has its own Dis). With a softmax featurizer, `recognisable` is the share of
-samples whose top class has probability > 0.9.
+samples whose top class has probability > 0.9 (`recognisable_p50`: > 0.5), and
+`recognisable_real` the p > 0.9 share of the N real images (its ceiling under that featurizer).
 """
 
 from __future__ import annotations
@@ -187,12 +188,24 @@ class EvalMetrics(NamedTuple):
     """Mean 1/2 ||Dis_l(x) - Dis_l(x~)||^2 under the model's own discriminator (eval mode)."""
     recognisable: float | None
     """Share of samples a softmax featurizer classifies with p > 0.9; None for other featurizers."""
+    recognisable_p50: float | None
+    """Share of samples whose top class has p > 0.5: the class beats all the others together
+    (a looser reading of "a digit a classifier recognises")."""
+    recognisable_real: float | None
+    """The same share for the N held-out real images: the ceiling `recognisable` is read
+    against (a classifier is not sure of every real digit either)."""
     n_images: int
     """N: real images, samples and reconstructions each."""
 
     def as_metrics(self, prefix: str = "eval_") -> dict[str, float]:
         """{'eval_fid_samples': ..., ...} for a tracker; metrics that do not apply are left out."""
         return {prefix + k: float(v) for k, v in self._asdict().items() if v is not None}
+
+
+def _n_confident(featurizer: Featurizer, images: torch.Tensor, threshold: float = SOFTMAX_CONFIDENT
+                 ) -> int:
+    """How many images the (softmax) featurizer puts in one class with p > threshold."""
+    return int((featurizer.probs(images).max(dim=1).values > threshold).sum())
 
 
 @torch.no_grad()
@@ -215,11 +228,15 @@ def evaluate_model(model: VAEGAN, real_images: torch.Tensor, featurizer: Featuri
     model.eval()
     try:
         feats_real, feats_recon, feats_samples = [], [], []
+        softmax = getattr(featurizer, "kind", "") == "softmax"
+        confident = confident_p50 = confident_real = 0
         sq_err = ssim_sum = dis_l_sum = 0.0
         for i in range(0, n, batch_size):
             x = real_images[i:min(i + batch_size, n)].to(device, torch.float32)
             x_recon = model.reconstruct(x).float()
             feats_real.append(featurizer.features(x).cpu())
+            if softmax:
+                confident_real += _n_confident(featurizer, x)
             feats_recon.append(featurizer.features(x_recon).cpu())
             x01, r01 = to_unit(x), to_unit(x_recon)
             sq_err += float((x01 - r01).square().mean(dim=(1, 2, 3)).sum())
@@ -229,12 +246,12 @@ def evaluate_model(model: VAEGAN, real_images: torch.Tensor, featurizer: Featuri
             dis_l_sum += float(0.5 * diff.flatten(1).square().sum(dim=1).sum())
 
         generator = torch.Generator(device=device).manual_seed(seed)
-        confident, softmax = 0, getattr(featurizer, "kind", "") == "softmax"
         for i in range(0, n, batch_size):
             samples = model.sample(min(batch_size, n - i), generator).float()
             feats_samples.append(featurizer.features(samples).cpu())
             if softmax:
-                confident += int((featurizer.probs(samples).max(dim=1).values > SOFTMAX_CONFIDENT).sum())
+                confident += _n_confident(featurizer, samples)
+                confident_p50 += _n_confident(featurizer, samples, 0.5)
     finally:
         model.train(was_training)
 
@@ -246,6 +263,8 @@ def evaluate_model(model: VAEGAN, real_images: torch.Tensor, featurizer: Featuri
         ssim_recon=ssim_sum / n,
         dis_l_recon=dis_l_sum / n,
         recognisable=confident / n if softmax else None,
+        recognisable_p50=confident_p50 / n if softmax else None,
+        recognisable_real=confident_real / n if softmax else None,
         n_images=n,
     )
 
@@ -339,7 +358,7 @@ def format_report(report: dict[str, Any]) -> str:
             text = f"{value:d}"
         else:
             text = f"{value:.4f}" if math.isfinite(value) else str(value)
-        lines.append(f"  {name:<14} {text:>12}")
+        lines.append(f"  {name:<17} {text:>12}")
     return "\n".join(lines)
 
 

@@ -102,6 +102,9 @@ class MlflowLogger(NullLogger):
     """Logs into an existing run by id (see `start_or_resume_run`)."""
 
     def __init__(self, uri: str, run_id: str, log_checkpoints: bool = True):
+        # Every logged checkpoint model would draw a download progress bar in the training
+        # console (rank 0 writes to it through Ray); the progress line says enough.
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         import mlflow
 
         self.mlflow = mlflow

@@ -56,6 +56,28 @@ class FitResult:
 # The worker loop
 
 
+def say(message: str) -> None:
+    """One line to the driver's console from inside a Ray Train worker.
+
+    Not `print`: Ray Train V2 patches the worker's print to go through its logger, and when
+    another library has wrapped sys.stdout it also prints the line directly, so every line
+    reached the console twice. Writing to the stream shows it once."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
+
+
+def quiet_ray_train_reports() -> None:
+    """Ray Train V2 logs each `ray.train.report` of every rank at INFO with its whole metrics
+    dict (two long lines per report here); the progress line already says what matters."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # a Ray without that module: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)  # its logger's name
+
+
 def noise_seed(seed: int, rank: int, step: int) -> int:
     """The step's noise depends only on (seed, rank, step): a resumed run draws exactly the
     noise the uninterrupted run would have, with no generator state to save."""
@@ -96,6 +118,7 @@ def train_loop_per_worker(config: dict) -> None:
     from vaegan.tracking import MlflowLogger, NullLogger
 
     cfg = config_from_dict(config["cfg"])
+    quiet_ray_train_reports()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -133,11 +156,11 @@ def train_loop_per_worker(config: dict) -> None:
 
     T, batch = cfg.train, cfg.data.batch_size
     if state.step == 0 and rank == 0:
-        print(f"[vaegan] training {T.name}: {T.steps} steps, {world} worker(s) x batch {batch}, "
-              f"precision {step.precision}, MLflow run {state.mlflow_run_id}", flush=True)
+        say(f"[vaegan] training {T.name}: {T.steps} steps, {world} worker(s) x batch {batch}, "
+            f"precision {step.precision}, MLflow run {state.mlflow_run_id}")
     elif rank == 0:
-        print(f"[vaegan] resuming {T.name} at step {state.step} (epoch {state.epoch}, "
-              f"batch {state.batch})", flush=True)
+        say(f"[vaegan] resuming {T.name} at step {state.step} (epoch {state.epoch}, "
+            f"batch {state.batch})")
     start_step, t_start = state.step, time.time()
     window, t_window = [], time.time()
     while state.step < T.steps:
@@ -219,10 +242,9 @@ def _window_metrics(window: list[StepMetrics], seconds: float, batch: int, loade
 def _print_progress(step: int, steps: int, m: dict[str, float], start_step: int, t_start: float) -> None:
     done = step - start_step
     eta = (time.time() - t_start) / max(done, 1) * (steps - step)
-    print(f"[vaegan] step {step:>6}/{steps} | kl {m['kl_prior']:8.2f} | llike {m['llike_dis_l']:9.2f}"
-          f" | gan {m['gan_bce']:.3f} | D(x) {m['d_real']:.2f} D(x~) {m['d_recon']:.2f}"
-          f" D(xp) {m['d_prior']:.2f} | {m['images_per_s']:6.1f} img/s | ETA {_hms(eta)}",
-          flush=True)
+    say(f"[vaegan] step {step:>6}/{steps} | kl {m['kl_prior']:8.2f} | llike {m['llike_dis_l']:9.2f}"
+        f" | gan {m['gan_bce']:.3f} | D(x) {m['d_real']:.2f} D(x~) {m['d_recon']:.2f}"
+        f" D(xp) {m['d_prior']:.2f} | {m['images_per_s']:6.1f} img/s | ETA {_hms(eta)}")
 
 
 def _hms(seconds: float) -> str:
@@ -249,7 +271,7 @@ def _report_checkpoint(model, step, cfg: Config, state: TrainState, metrics, ran
         logger.log_checkpoint(path, state.step)
         if last and register:
             uri = logger.finish(path, cfg.tracking.model_name, state.step)
-            print(f"[vaegan] registered {uri}", flush=True)
+            say(f"[vaegan] registered {uri}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -342,8 +364,10 @@ def _connect_ray(cfg: Config) -> None:
     else:
         need = math.ceil(cfg.train.num_workers * cfg.train.cpus_per_worker)
         # address="local": always a new local Ray, never a stale /tmp/ray cluster file's
+        # The dashboard serves Ray's State API, which Ray Train's placement-group watcher
+        # polls every few seconds: without it, a warning a second floods the console.
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need),
-                 include_dashboard=False, log_to_driver=True)
+                 include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
 
 
 def _check_resources(cfg: Config) -> None:
