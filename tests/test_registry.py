@@ -372,7 +372,10 @@ def test_promote_refuses_a_worse_challenger_unless_forced(tracking, checkpoint, 
 # while, vectors from its training images, edits scored by an attribute classifier.
 
 FACES = "synthetic-faces:600"  # 540 train + 60 held-out faces, 5 attributes (fair coins)
-FACES_STEPS = 400  # ~0.1-0.35 s a step on 2 busy cores (one thread)
+# ~0.1-0.35 s a step on 2 busy cores (one thread). 400 was enough on an AVX2 CPU, but on an
+# AVX-512 one (other fp32 kernels, so another model) it edited too weakly: flipped 0.60 vs
+# 0.42 unedited; 600 gave 0.70 vs 0.28 there.
+FACES_STEPS = 600
 FACES_OVERRIDES = ["model.channels=3", "loss.mode=vaegan", "model.width=0.25", "model.latent_dim=32",
                    "model.enc_fc=256", "model.dis_fc=128", "optim.name=adam", "optim.lr=1e-3",
                    "data.batch_size=32", "train.precision=fp32"]
