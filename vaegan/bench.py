@@ -20,7 +20,7 @@ import torch
 from vaegan.config import Config, load_config
 from vaegan.losses import gan_bce, kl_prior, llike_dis_l
 from vaegan.model import VAEGAN, reparameterize
-from vaegan.step import TrainStep, make_optimizer
+from vaegan.step import TrainStep, make_optimizer, precision_context, resolve_precision
 
 
 class PlainStep:
@@ -30,26 +30,31 @@ class PlainStep:
         self.model, self.cfg = model, cfg
         self.opts = [make_optimizer(n.parameters(), cfg.optim)
                      for n in (model.encoder, model.decoder, model.discriminator)]
+        # The same precision as the step it is compared with (bf16 autocast where native).
+        self.precision = resolve_precision(cfg.train.precision, model.device)
 
     def __call__(self, x: torch.Tensor) -> None:
         enc, dec, dis = self.model.encoder, self.model.decoder, self.model.discriminator
         opt_enc, opt_dec, opt_dis = self.opts
         b, latent, gamma = x.shape[0], self.cfg.model.latent_dim, self.cfg.loss.gamma
-        mu, log_var = enc(x)
-        z = reparameterize(mu, log_var, torch.randn(b, latent))
-        # the same model as ours: one Dec batch [z; z_p] (batch norm statistics over both)
-        x_tilde, x_p = dec(torch.cat([z, torch.randn(b, latent)])).split(b)
-        # (1) Update Dis: descend the BCE on x, x~ and x_p (fakes detached)
-        logits, _ = dis(torch.cat([x, x_tilde.detach(), x_p.detach()]))
+        amp = lambda: precision_context(self.precision, x.device)
+        with amp():
+            mu, log_var = enc(x)
+            z = reparameterize(mu.float(), log_var.float(), torch.randn(b, latent))
+            # the same model as ours: one Dec batch [z; z_p] (batch norm statistics over both)
+            x_tilde, x_p = dec(torch.cat([z, torch.randn(b, latent)])).split(b)
+            # (1) Update Dis: descend the BCE on x, x~ and x_p (fakes detached)
+            logits, _ = dis(torch.cat([x, x_tilde.detach(), x_p.detach()]))
         opt_dis.zero_grad()
-        gan_bce(*logits.split(b)).backward()
+        gan_bce(*logits.float().split(b)).backward()
         opt_dis.step()
         # (2) Fresh Dis forward for the VAE and GAN terms; Enc and Dec backward separately
-        logits, feats = dis(torch.cat([x, x_tilde, x_p]))
-        feats_real, feats_recon, _ = feats.split(b)
+        with amp():
+            logits, feats = dis(torch.cat([x, x_tilde, x_p]))
+        feats_real, feats_recon, _ = feats.float().split(b)
         ll = llike_dis_l(feats_real.detach(), feats_recon)
-        gan = gan_bce(*logits.split(b))
-        enc_grads = torch.autograd.grad(kl_prior(mu, log_var) + ll, list(enc.parameters()),
+        gan = gan_bce(*logits.float().split(b))
+        enc_grads = torch.autograd.grad(kl_prior(mu.float(), log_var.float()) + ll, list(enc.parameters()),
                                         retain_graph=True)
         dec_grads = torch.autograd.grad(gamma * ll - gan, list(dec.parameters()))
         for net, grads, opt in ((enc, enc_grads, opt_enc), (dec, dec_grads, opt_dec)):
@@ -125,7 +130,7 @@ def bench_step(preset: str = "celeba64", overrides: list[str] | None = None, ste
                 if i >= warmup:
                     times.append(time.perf_counter() - t)
             sec = statistics.median(times)
-            precision = step.precision if isinstance(step, TrainStep) else "fp32"
+            precision = step.precision
             rows.append({"step": name, "preset": preset, "batch": cfg.data.batch_size,
                          "channels_last": channels_last, "precision": precision,
                          "gflop_per_image": round(gflop, 2), "seconds_per_step": round(sec, 3),

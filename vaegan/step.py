@@ -76,6 +76,13 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def precision_context(precision: str, device: torch.device):
+    """bf16 autocast for precision "bf16" (a resolved precision), else nothing."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def _params(module: nn.Module) -> list[torch.Tensor]:
     return [p for p in module.parameters() if p.requires_grad]
 
@@ -142,9 +149,7 @@ class TrainStep:
             x, eps, z_p)
 
     def _autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return precision_context(self.precision, self.device)
 
     def _vaegan(self, x: torch.Tensor, eps: torch.Tensor, z_p: torch.Tensor) -> StepMetrics:
         L, b = self.cfg.loss, x.shape[0]
