@@ -365,7 +365,7 @@ def _connect_ray(cfg: Config) -> None:
         need = math.ceil(cfg.train.num_workers * cfg.train.cpus_per_worker)
         # address="local": always a new local Ray, never a stale /tmp/ray cluster file's
         # The dashboard serves Ray's State API, which Ray Train's placement-group watcher
-        # polls every few seconds: without it, a warning a second floods the console.
+        # polls: without it, a "State API unavailable" warning every second or two floods the console.
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need),
                  include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
 
