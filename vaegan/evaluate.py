@@ -202,10 +202,9 @@ class EvalMetrics(NamedTuple):
         return {prefix + k: float(v) for k, v in self._asdict().items() if v is not None}
 
 
-def _n_confident(featurizer: Featurizer, images: torch.Tensor, threshold: float = SOFTMAX_CONFIDENT
-                 ) -> int:
-    """How many images the (softmax) featurizer puts in one class with p > threshold."""
-    return int((featurizer.probs(images).max(dim=1).values > threshold).sum())
+def _top_class_p(featurizer: Featurizer, images: torch.Tensor) -> torch.Tensor:
+    """(B,) probability of each image's top class under a softmax featurizer."""
+    return featurizer.probs(images).max(dim=1).values
 
 
 @torch.no_grad()
@@ -236,7 +235,7 @@ def evaluate_model(model: VAEGAN, real_images: torch.Tensor, featurizer: Featuri
             x_recon = model.reconstruct(x).float()
             feats_real.append(featurizer.features(x).cpu())
             if softmax:
-                confident_real += _n_confident(featurizer, x)
+                confident_real += int((_top_class_p(featurizer, x) > SOFTMAX_CONFIDENT).sum())
             feats_recon.append(featurizer.features(x_recon).cpu())
             x01, r01 = to_unit(x), to_unit(x_recon)
             sq_err += float((x01 - r01).square().mean(dim=(1, 2, 3)).sum())
@@ -250,8 +249,9 @@ def evaluate_model(model: VAEGAN, real_images: torch.Tensor, featurizer: Featuri
             samples = model.sample(min(batch_size, n - i), generator).float()
             feats_samples.append(featurizer.features(samples).cpu())
             if softmax:
-                confident += _n_confident(featurizer, samples)
-                confident_p50 += _n_confident(featurizer, samples, 0.5)
+                p_top = _top_class_p(featurizer, samples)
+                confident += int((p_top > SOFTMAX_CONFIDENT).sum())
+                confident_p50 += int((p_top > 0.5).sum())
     finally:
         model.train(was_training)
 
