@@ -55,11 +55,11 @@ def main() -> None:
     z = torch.randn(500, cfg.model.latent_dim, generator=torch.Generator().manual_seed(0))
 
     @torch.no_grad()
-    def recognised(threshold: float = 0.9) -> float:
+    def recognised() -> float:  # the protocol's p > 0.9 share, cheaply, mid-run
         model.eval()
         p_max = featurizer.probs(model.decode(z).float()).max(dim=1).values
         model.train()
-        return float((p_max > threshold).float().mean())
+        return float((p_max > 0.9).float().mean())
 
     order, pos, n, t0 = torch.randperm(len(train)), 0, 0, time.time()
     while n < a.steps and time.time() - t0 < a.seconds:
@@ -79,7 +79,7 @@ def main() -> None:
     with torch.no_grad():
         _grid(model.decode(z[:64]), 8).save(out / "samples.png")
     print(json.dumps({"overrides": a.overrides, "steps": n, "seconds": round(seconds),
-                      "recognised_p90": ev.recognisable, "recognised_p50": recognised(0.5),
+                      "recognised_p90": ev.recognisable, "recognised_p50": ev.recognisable_p50,
                       "real_p90": ev.recognisable_real, "fid_samples": round(ev.fid_samples, 1),
                       "fid_recon": round(ev.fid_recon, 1)}))
 
