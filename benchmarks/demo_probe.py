@@ -22,9 +22,9 @@ import torch
 from vaegan.config import load_config
 from vaegan.evaluate import evaluate_model, load_real_images
 from vaegan.featurizer import load_featurizer, train_featurizer
+from vaegan.images import save_grid
 from vaegan.model import VAEGAN
 from vaegan.step import TrainStep
-from vaegan.train import _grid
 
 
 def main() -> None:
@@ -77,7 +77,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.eval()
     with torch.no_grad():
-        _grid(model.decode(z[:64]), 8).save(out / "samples.png")
+        save_grid(model.decode(z[:64]), out / "samples.png", nrow=8)
     print(json.dumps({"overrides": a.overrides, "steps": n, "seconds": round(seconds),
                       "recognised_p90": ev.recognisable, "recognised_p50": ev.recognisable_p50,
                       "real_p90": ev.recognisable_real, "fid_samples": round(ev.fid_samples, 1),

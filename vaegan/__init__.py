@@ -22,7 +22,7 @@ _LAZY = {
     "preset": "vaegan.config",
     "PRESETS": "vaegan.config",
     "TrainStep": "vaegan.step",
-    "load_model": "vaegan.models",
+    "load_model": "vaegan.registry",
 }
 
 

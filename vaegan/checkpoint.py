@@ -1,7 +1,7 @@
 """A checkpoint is a plain directory; Ray only wraps it, so resume works with or without Ray.
 
     model.pt      the VAEGAN state_dict (three networks and their BN buffers)
-    trainer.pt    the three optimizer states, the step's noise generator, torch RNG state
+    trainer.pt    the three optimizer states and the step count, torch RNG state
     state.json    step, data position (epoch, batch), MLflow run id, vaegan version
     config.yaml   the resolved config
 
@@ -16,12 +16,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
-from vaegan.config import Config, config_from_dict
+from vaegan.artifact import STATE, folder_files, load_net, save_model_folder
+from vaegan.config import Config
 from vaegan.model import VAEGAN
 
-MODEL, TRAINER, STATE, CONFIG = "model.pt", "trainer.pt", "state.json", "config.yaml"
+TRAINER = "trainer.pt"  # beside the model folder's files (vaegan.artifact)
 
 
 @dataclass
@@ -44,32 +44,21 @@ def save_checkpoint(path: str | Path, model: VAEGAN, cfg: Config, state: TrainSt
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(model.state_dict(), tmp / MODEL)
+    save_model_folder(tmp, model, cfg)
     if trainer_state is not None:
         torch.save({**trainer_state, "torch_rng": torch.get_rng_state()}, tmp / TRAINER)
     state.version = __version__
     (tmp / STATE).write_text(json.dumps(asdict(state), indent=2))
-    (tmp / CONFIG).write_text(cfg.to_yaml())
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
     return path
 
 
-def load_config_from(path: str | Path) -> Config:
-    return config_from_dict(yaml.safe_load((Path(path) / CONFIG).read_text()))
-
-
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"
                     ) -> tuple[VAEGAN, Config, TrainState]:
     """-> (model in eval mode, its config, its train state)."""
-    path = Path(path)
-    if not (path / MODEL).is_file():
-        raise FileNotFoundError(f"{path} is not a vaegan checkpoint (no {MODEL})")
-    cfg = load_config_from(path)
-    model = VAEGAN(cfg.model)
-    model.load_state_dict(torch.load(path / MODEL, map_location=map_location, weights_only=True))
-    return model.to(map_location).eval(), cfg, read_state(path)
+    model, cfg = load_net(folder_files(path), map_location)
+    return model, cfg, read_state(path)
 
 
 def read_state(path: str | Path) -> TrainState:
@@ -77,7 +66,7 @@ def read_state(path: str | Path) -> TrainState:
 
 
 def load_trainer_state(path: str | Path) -> dict | None:
-    """The optimizer/generator states, and restores the torch RNG state as a side effect."""
+    """The optimizer states and step count, and restores the torch RNG state as a side effect."""
     file = Path(path) / TRAINER
     if not file.is_file():
         return None

@@ -22,11 +22,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vaegan.config import PRESETS, ConfigError, load_config
+from vaegan.config import COMPARE_METRIC, PRESETS, load_config
+from vaegan.errors import UserError
 
-# Errors that are the user's input, printed as one line without a traceback. Modules add
-# their own error classes here when the command that raises them is registered.
-USER_ERRORS: list[type[Exception]] = [ConfigError]
+# Building the parser imports nothing heavy (no torch, Ray or MLflow), so `vaegan --help` and
+# argument errors are instant; each command imports what it runs.
 
 
 def _config_show(args: argparse.Namespace) -> None:
@@ -74,12 +74,6 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _add_train(sub) -> None:
-    from vaegan import train  # noqa: F401  (registers nothing; fails early if Ray is missing)
-
-    USER_ERRORS.append(train.TrainError)
-    from vaegan.tracking import TrackingError
-
-    USER_ERRORS.append(TrackingError)
     p = sub.add_parser("train", help="train on Ray (RAY_ADDRESS, or a local Ray)")
     p.add_argument("--preset", default="debug", help=f"one of: {', '.join(PRESETS)} (default debug)")
     _add_overrides(p)
@@ -100,9 +94,8 @@ def _tune(args: argparse.Namespace) -> None:
 
 
 def _add_tune(sub) -> None:
-    from vaegan.tune import SweepError, SweepOptions, TuneError
+    from vaegan.tune import SweepOptions
 
-    USER_ERRORS.extend(e for e in (TuneError, SweepError) if e not in USER_ERRORS)
     d = SweepOptions()
     p = sub.add_parser("tune", help="Ray Tune sweep over loss.gamma (ASHA), MLflow parent/child runs",
                        description="Each trial trains the config with a log-uniform gamma (and lr) on "
@@ -151,21 +144,18 @@ def _eval(args: argparse.Namespace) -> None:
         print(f"featurizer ({m.kind}, {len(m.labels)} outputs) -> {args.out}: val accuracy "
               f"{m.val_accuracy:.4f} on {m.val_images} images, trained {m.train_seconds:.1f} s")
         return
-    from vaegan.evaluate import format_report, run_eval, write_report
+    from vaegan.evaluate import EVAL_SPLIT, FID_N, format_report, run_eval, write_report
 
     need("--shards", "--featurizer")
-    report = run_eval(args.target, args.shards, args.featurizer, n=args.n, split=args.split,
-                      seed=args.seed, inception_weights=args.inception_weights, device=args.device)
+    report = run_eval(args.target, args.shards, args.featurizer, n=args.n or FID_N,
+                      split=args.split or EVAL_SPLIT, seed=args.seed,
+                      inception_weights=args.inception_weights, device=args.device)
     print(format_report(report))
     if args.json:
         write_report(report, args.json)
 
 
 def _add_eval(sub) -> None:
-    from vaegan.data import DataError
-    from vaegan.evaluate import EVAL_SPLIT, FID_N, EvalError
-
-    USER_ERRORS.extend(e for e in (EvalError, DataError) if e not in USER_ERRORS)
     p = sub.add_parser(
         "eval", help="FID and reconstruction metrics of a checkpoint; train a featurizer",
         usage="vaegan eval CHECKPOINT --shards URL --featurizer DIR|inception [-n N] [--json OUT]\n"
@@ -179,8 +169,9 @@ def _add_eval(sub) -> None:
     e.add_argument("--featurizer", help="a featurizer directory, or 'inception' (local weights only)")
     e.add_argument("--inception-weights", help="torchvision inception_v3_google-*.pth (default: the "
                    "torch hub cache)")
-    e.add_argument("-n", type=int, default=FID_N, help=f"images per FID (default {FID_N}, or the split)")
-    e.add_argument("--split", default=EVAL_SPLIT, help=f"held-out split (default {EVAL_SPLIT})")
+    e.add_argument("-n", type=int, help="images per FID (default: the protocol's FID_N in "
+                   "vaegan/evaluate.py, or the whole split when smaller)")
+    e.add_argument("--split", help="held-out split (default: the protocol's, val)")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default auto)")
     e.add_argument("--json", help="also write the report to this JSON file")
     t = p.add_argument_group("train-featurizer")
@@ -226,9 +217,6 @@ def _data_check(args: argparse.Namespace) -> None:
 
 
 def _add_data(sub) -> None:
-    from vaegan.data.errors import DataError
-
-    USER_ERRORS.append(DataError)
     data = sub.add_parser("data", help="prepare and check WebDataset shards")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     p = data_sub.add_parser("prepare", help="write a source as train/val shards + manifest.json")
@@ -264,9 +252,6 @@ def _bench_data(args: argparse.Namespace) -> None:
 
 def _add_bench(sub) -> None:
     """`vaegan bench ...`: one sub-command per benchmark."""
-    from vaegan.data.errors import DataError
-
-    USER_ERRORS.append(DataError)
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     d = bench_sub.add_parser("data", help="decoded images per second of the shard reader (JSON)")
@@ -305,7 +290,7 @@ def _models_tracking(args: argparse.Namespace) -> str:
 
 
 def _models_load(args: argparse.Namespace):
-    from vaegan.models import load_model
+    from vaegan.registry import load_model
 
     uri = _models_tracking(args)
     return load_model(args.uri, device=args.device, tracking_uri=uri)
@@ -337,7 +322,7 @@ def _models_promote(args: argparse.Namespace) -> None:
 def _models_sample(args: argparse.Namespace) -> None:
     import math
 
-    from vaegan.models import save_grid
+    from vaegan.images import save_grid
 
     x = _models_load(args).sample(args.n, seed=args.seed)
     print(save_grid(x, args.out, nrow=math.ceil(math.sqrt(args.n))))
@@ -346,7 +331,7 @@ def _models_sample(args: argparse.Namespace) -> None:
 def _models_reconstruct(args: argparse.Namespace) -> None:
     import torch
 
-    from vaegan.models import save_grid
+    from vaegan.images import save_grid
 
     model = _models_load(args)
     x = model.images(args.images)
@@ -357,7 +342,7 @@ def _models_reconstruct(args: argparse.Namespace) -> None:
 def _models_interpolate(args: argparse.Namespace) -> None:
     import torch
 
-    from vaegan.models import save_grid
+    from vaegan.images import save_grid
 
     model = _models_load(args)
     a, b = model.images(args.a), model.images(args.b)
@@ -368,8 +353,8 @@ def _models_interpolate(args: argparse.Namespace) -> None:
 def _models_edit(args: argparse.Namespace) -> None:
     import torch
 
-    from vaegan.models import save_grid
-    from vaegan.registry import parse_attributes
+    from vaegan.attributes import parse_attributes
+    from vaegan.images import save_grid
 
     model = _models_load(args)
     edits = parse_attributes(args.attr)
@@ -382,10 +367,11 @@ def _models_edit(args: argparse.Namespace) -> None:
 def _models_attributes(args: argparse.Namespace) -> None:
     import json
 
+    from vaegan.attributes import ATTRIBUTE_IMAGES
     from vaegan.registry import register_attribute_version
 
     uri, model, report = register_attribute_version(
-        args.uri, args.shards, featurizer=args.featurizer, max_images=args.max_images,
+        args.uri, args.shards, featurizer=args.featurizer, max_images=args.max_images or ATTRIBUTE_IMAGES,
         eval_images=args.eval_images, strength=args.strength, name=args.name, alias=args.alias,
         experiment=args.experiment, featurizer_steps=args.featurizer_steps,
         tracking_uri=_models_tracking(args), device=args.device, s3_endpoint=args.s3_endpoint)
@@ -400,13 +386,8 @@ def _models_attributes(args: argparse.Namespace) -> None:
 
 
 def _add_models(sub) -> None:
-    """`vaegan models ...`: use and manage registered models (vaegan.models, vaegan.registry)."""
-    from vaegan.models import ATTRIBUTE_IMAGES, ModelError
-    from vaegan.tracking import TrackingError
-
-    metric = "eval_fid_samples"  # vaegan.registry.DEFAULT_METRIC (not imported here: it loads MLflow)
-
-    USER_ERRORS.extend(e for e in (ModelError, TrackingError) if e not in USER_ERRORS)
+    """`vaegan models ...`: use and manage registered models (vaegan.inference, vaegan.registry)."""
+    metric = COMPARE_METRIC
     models = sub.add_parser(
         "models", help="use registered models: list, promote, sample, reconstruct, interpolate, edit",
         description="URI: models:/NAME@ALIAS | models:/NAME/VERSION | models:/NAME/latest | "
@@ -473,8 +454,8 @@ def _add_models(sub) -> None:
     p.add_argument("--featurizer", help="attribute classifier dir (`vaegan eval train-featurizer --label-key "
                    "all`); default: train one on the shards")
     p.add_argument("--featurizer-steps", type=int, help="when training one (default 500)")
-    p.add_argument("--max-images", type=int, default=ATTRIBUTE_IMAGES,
-                   help=f"training images for the vectors (default {ATTRIBUTE_IMAGES}, as the authors)")
+    p.add_argument("--max-images", type=int, help="training images for the vectors (default 10,000, "
+                   "as the authors: vaegan.attributes.ATTRIBUTE_IMAGES)")
     p.add_argument("--eval-images", type=int, default=1000, help="held-out images edited (default 1000)")
     p.add_argument("--strength", type=float, default=1.0, help="edit strength scored (default 1)")
     p.add_argument("--name", help="registered model name (default: the URI's)")
@@ -503,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except tuple(USER_ERRORS) as e:  # bad input: one clear line, no traceback
+    except UserError as e:  # bad input: one clear line, no traceback
         print(f"vaegan: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vaegan.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config key or value that is not allowed; the message says which and what is."""
 
 
@@ -174,7 +176,10 @@ class TrainConfig:
     """NHWC memory layout (faster convolutions on CPU)."""
     seed: int = 0
     storage_path: str = ""
-    """Where checkpoints go: a folder or s3://bucket/prefix. Empty: ./runs (absolute)."""
+    """Where checkpoints go: a folder or s3://bucket/prefix. Empty: ./runs (absolute). On a
+    cluster of several nodes a folder is refused unless `shared_storage` (S3 always works)."""
+    shared_storage: bool = False
+    """storage_path is a folder every Ray node mounts (NFS, ...); checked by a probe file."""
     name: str = "vaegan"
     """The run name; a run started again with the same name resumes."""
     log_every: int = 10
@@ -211,6 +216,11 @@ class TrainConfig:
                "an integer >= 0")
         _check(bool(self.name) and "/" not in self.name, "train.name", self.name,
                "a non-empty name without '/'")
+
+
+COMPARE_METRIC = "eval_fid_samples"
+"""The metric models and trials are compared by unless told otherwise (lower is better): what
+`vaegan models promote` checks and what a sweep optimises."""
 
 
 @dataclass
@@ -274,7 +284,7 @@ def celeba64() -> Config:
 
 
 def celeba64_reference() -> Config:
-    """The authors' code (andersbll/autoencoding_beyond_pixels), see PAPER.md."""
+    """The authors' code (andersbll/autoencoding_beyond_pixels), see docs/method.md#reference-recipe."""
     cfg = celeba64()
     cfg.model.enc_fc = 1024
     cfg.loss = LossConfig(recipe="reference", w=1e-6, equilibrium=True)

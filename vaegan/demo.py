@@ -17,25 +17,19 @@ DEMO_OVERRIDES = ["train.num_workers=2"]
 
 def run_demo(out: str | Path = "outputs/demo-samples.png") -> None:
     import mlflow
-    import numpy as np
-    import torch
 
-    from vaegan.train import _grid, main_train
+    from vaegan.images import save_grid
+    from vaegan.registry import load_model
+    from vaegan.train import main_train
 
     t0 = time.time()
     cfg = load_config("mnist32", overrides=DEMO_OVERRIDES)
     cfg.train.name = time.strftime("demo-%Y%m%d-%H%M%S")  # a fresh run each time
     cfg.train.eval_every = cfg.train.steps  # evaluate once, at the end, for the summary
     res = main_train(cfg)
-    mlflow.set_tracking_uri(res.tracking_uri)
-    model = mlflow.pyfunc.load_model(res.model_uri)
-    m = cfg.model
-    dummy = np.zeros((1, m.channels, m.image_size, m.image_size), np.float32)  # ignored by op=sample
-    samples = model.predict(dummy, params={"op": "sample", "n": 64, "seed": 0})
-    out = Path(out).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _grid(torch.from_numpy(samples), 8).save(out)
-    metrics = mlflow.MlflowClient().get_run(res.mlflow_run_id).data.metrics
+    model = load_model(res.model_uri, tracking_uri=res.tracking_uri)  # from the registry, as a user would
+    out = save_grid(model.sample(64, seed=0), Path(out).resolve(), nrow=8)
+    metrics = mlflow.MlflowClient(res.tracking_uri).get_run(res.mlflow_run_id).data.metrics
     scores = "(no evaluation metrics)"
     if "eval_recognisable" in metrics:
         scores = (f"{metrics['eval_recognisable']:.1%} of samples recognised as one digit with p > 0.9 "

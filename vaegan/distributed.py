@@ -3,7 +3,7 @@
 Ray Train has already created the process group (gloo on CPU, nccl on GPU) when the worker
 loop starts; here we wrap the networks and reduce scalars. Each network gets its own DDP
 wrapper: a single wrapper whose forward used only some parameters would break the next
-step (PAPER.md pitfalls), and the step routes different gradients into each network.
+step (docs/method.md#pitfalls), and the step routes different gradients into each network.
 """
 
 from __future__ import annotations
@@ -17,14 +17,6 @@ from vaegan.model import VAEGAN
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
 
 
 def wrap(model: VAEGAN, device: torch.device, sync_bn: bool = False
@@ -63,3 +55,12 @@ def total(t: torch.Tensor) -> torch.Tensor:
     t = t.clone()
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def gather(value: object) -> list:
+    """Every rank's `value`, in rank order (a one-element list when not distributed)."""
+    if not is_distributed():
+        return [value]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out

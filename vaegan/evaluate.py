@@ -40,13 +40,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vaegan.featurizer import (
-    SOFTMAX_CONFIDENT,
-    EvalError,
-    Featurizer,
-    covering_batch_size,
-    resolve_featurizer,
-)
+from vaegan.artifact import ModelError
+from vaegan.featurizer import SOFTMAX_CONFIDENT, EvalError, Featurizer, resolve_featurizer
+from vaegan.inference import resolve_device
+from vaegan.losses import llike_dis_l
 from vaegan.model import VAEGAN
 
 FID_N = 10_000  # images per FID (or the whole held-out split when smaller)
@@ -240,9 +237,9 @@ def evaluate_model(model: VAEGAN, real_images: torch.Tensor, featurizer: Featuri
             x01, r01 = to_unit(x), to_unit(x_recon)
             sq_err += float((x01 - r01).square().mean(dim=(1, 2, 3)).sum())
             ssim_sum += float(ssim(x01, r01).sum())
-            # L_llike^Dis_l of the paper, per image, with the model's own (eval-mode) Dis.
-            diff = (model.discriminator.features(x) - model.discriminator.features(x_recon)).float()
-            dis_l_sum += float(0.5 * diff.flatten(1).square().sum(dim=1).sum())
+            # L_llike^Dis_l of the paper (a batch mean), with the model's own (eval-mode) Dis.
+            dis = model.discriminator
+            dis_l_sum += float(llike_dis_l(dis.features(x), dis.features(x_recon))) * len(x)
 
         generator = torch.Generator(device=device).manual_seed(seed)
         for i in range(0, n, batch_size):
@@ -284,7 +281,7 @@ def _load_model(path: str | Path, device: torch.device | str = "cpu") -> VAEGAN:
 
         try:
             model, _, _ = load_checkpoint(path, map_location=device)
-        except FileNotFoundError as e:
+        except ModelError as e:
             raise EvalError(str(e)) from None
         return model
     if not path.is_file():
@@ -298,33 +295,18 @@ def _load_model(path: str | Path, device: torch.device | str = "cpu") -> VAEGAN:
     return model.to(device).eval()
 
 
-def load_real_images(shards: str, n: int = FID_N, split: str = EVAL_SPLIT, *, batch_size: int = BATCH,
-                     s3_endpoint: str = "") -> torch.Tensor:
-    """The first n images of `split` in reader order (no shuffle, no flip): the protocol's reals."""
-    from vaegan.data import make_loader, read_manifest
+def load_real_images(shards: str, n: int = FID_N, split: str = EVAL_SPLIT, *, s3_endpoint: str = ""
+                     ) -> torch.Tensor:
+    """The protocol's reals: the first n images of `split` in reader order (no shuffle, no flip)."""
+    from vaegan.data import DataError, read_split
 
-    manifest = read_manifest(shards, s3_endpoint)
-    if split not in manifest["splits"]:
-        raise EvalError(f"split {split!r} is not in {shards!r}; it has: {', '.join(manifest['splits'])}")
-    available = manifest["splits"][split]["samples"]
-    batch_size = covering_batch_size(available, min(n, available), batch_size)
-    loader = make_loader(shards, batch_size=batch_size, split=split, shuffle_buffer=0, flip=False,
-                         s3_endpoint=s3_endpoint)
-    chunks, seen = [], 0
-    for x in loader:
-        chunks.append(x[:n - seen])
-        seen += len(chunks[-1])
-        if seen >= n:
-            break
-    if seen < 2:
-        raise EvalError(f"split {split!r} of {shards!r} has {seen} images; FID needs at least 2")
-    return torch.cat(chunks)
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        real = read_split(shards, n, split, batch_size=BATCH, s3_endpoint=s3_endpoint)
+    except DataError as e:
+        raise EvalError(str(e)) from None
+    if len(real) < 2:
+        raise EvalError(f"split {split!r} of {shards!r} has {len(real)} images; FID needs at least 2")
+    return real
 
 
 def run_eval(checkpoint: str | Path, shards: str, featurizer: str, *, n: int = FID_N,

@@ -34,8 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vaegan.errors import UserError
 
-class EvalError(ValueError):
+
+class EvalError(UserError, ValueError):
     """Bad evaluation input (a path, a label key, a shape); the message says what is allowed."""
 
 
@@ -220,24 +222,11 @@ def _tensor_batches(images: torch.Tensor, attrs: torch.Tensor, batch_size: int, 
     return epoch_batches
 
 
-def covering_batch_size(split_samples: int, wanted: int, cap: int) -> int:
-    """A batch size <= cap with which a loader (which drops a split's last partial batch)
-    still yields `wanted` of the split's `split_samples` images: cap if that is enough, else
-    the largest divisor of split_samples in [cap / 4, cap] (500 -> 250), else the size of
-    ceil(split_samples / cap) near-equal batches (then fewer than that many images are lost)."""
-    if split_samples // cap * cap >= wanted:
-        return cap
-    for b in range(cap, max(cap // 4, 1) - 1, -1):
-        if split_samples % b == 0:
-            return b
-    return max(split_samples // math.ceil(split_samples / cap), 1)
-
-
 def _open(data: Any, split: str, *, batch_size: int, seed: int, shuffle: bool,
           loader_workers: int) -> tuple[Callable[[int], Iterator], list[str] | None, str]:
     """Any accepted data form -> (epoch -> batch iterator, attribute names or None, source)."""
     if isinstance(data, (str, Path)):
-        from vaegan.data import make_loader, read_manifest
+        from vaegan.data import covering_batch_size, make_loader, read_manifest
 
         shards = str(data)
         manifest = read_manifest(shards)

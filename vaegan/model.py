@@ -64,7 +64,7 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.fc(self.convs(x))  # (B, enc_fc)
-        # Clamped: exp(log_var) overflowing to inf is the classic VAE NaN (PAPER.md pitfalls).
+        # Clamped: exp(log_var) overflowing to inf is the classic VAE NaN (docs/method.md#pitfalls).
         return self.mu(h), self.log_var(h).clamp(*LOG_VAR_RANGE)
 
 

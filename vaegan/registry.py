@@ -1,40 +1,17 @@
-"""The registered artifact, and what is done with it in the MLflow registry.
+"""The MLflow Model Registry: load a model by URI, register, list and promote versions.
 
-A registered vaegan model is an MLflow pyfunc model (a `PythonModel`), because
-`mlflow.pytorch.log_model` would export a graph with only `forward` (PLATFORM.md). Its
-artifacts are plain files, and the vaegan package travels with it (`code_paths`), so serving
-needs no install:
+    load_model(uri)                 models:/NAME@ALIAS | models:/NAME/VERSION | models:/NAME/latest |
+                                    models:/m-<id> | runs:/RUN_ID/PATH | a local folder -> VAEGANModel
+    register(model_uri, name)       a logged model -> a new version of NAME
+    list_versions / promote         governance: an alias moves only if a metric is not worse
+    register_attribute_version      the paper's attribute vectors as a new version of the same weights
 
-    artifacts/model.pt         the VAEGAN state_dict (torch.load(weights_only=True): no pickle)
-    artifacts/config.yaml      the resolved config
-    artifacts/state.json       training step, run id, vaegan version (checkpoints only)
-    artifacts/attributes.json  attribute vectors and their edit scores (`vaegan models attributes`)
-
-predict / REST. The input is one float32 tensor of rank 4, the op and its options are params:
-
-    op           input                                       output
-    reconstruct  images (B, C, H, W) or (B, H, W, C), [-1, 1]  images (B, C, H, W) in [-1, 1]
-    encode       images                                      {"mu": (B, L), "log_var": (B, L)}
-    decode       z as (B, L, 1, 1) (DCGAN's noise shape)      images
-    sample       ignored (send [[[[0]]]]); params n, seed    images (n, C, H, W)
-    edit         images; param attributes "Eyeglasses=1,Smiling=-1"   images
-    interpolate  two images; param steps                     images (steps, C, H, W)
-
-    curl -X POST http://HOST:PORT/invocations -H 'Content-Type: application/json' \\
-         -d '{"inputs": [[[[0.0]]]], "params": {"op": "sample", "n": 4, "seed": 1}}'
-
-Requests are capped (MAX_SAMPLES samples, MAX_IMAGES images, MAX_STEPS steps); bad input is
-an MlflowException with INVALID_PARAMETER_VALUE, which the scoring server answers with a 400
-and the message.
-
-Registry actions: `download_model` (URIs resolved with clear errors), `list_versions`,
-`promote` (alias moves only if a metric is not worse), `register_attribute_version` (the
-paper's attribute vectors as a new model version of the same weights).
+URIs are resolved with errors that name what is missing (the model, the alias, the version).
+The pyfunc wrapper that the registered versions hold is `vaegan.pyfunc`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import tempfile
@@ -43,197 +20,20 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
 import torch
 
-from vaegan.models import ATTRIBUTE_IMAGES, ATTRIBUTES_FILE, ModelError, VAEGANModel
+from vaegan.artifact import ModelError, model_files
+from vaegan.attributes import ATTRIBUTE_IMAGES, EditReport
+from vaegan.config import COMPARE_METRIC
+from vaegan.inference import VAEGANModel, load_files, load_folder, resolve_device
 
-OPS = ("reconstruct", "sample", "encode", "decode", "edit", "interpolate")
-MAX_SAMPLES = 1024  # op=sample: n per request
-MAX_IMAGES = 256  # images (or z rows) per request
-MAX_STEPS = 64  # op=interpolate: steps per request
-DEVICE_ENV = "VAEGAN_DEVICE"  # where a loaded pyfunc runs: auto (default) | cpu | cuda[:i]
-DEFAULT_METRIC = "eval_fid_samples"  # what `promote` compares by default (lower is better)
+# Versions registered before vaegan.pyfunc existed pickled this class path: keep it loadable.
+from vaegan.pyfunc import VAEGANPyfunc  # noqa: F401
+from vaegan.tracking import check_reachable, log_folder_model, start_run_by_id
 
 
 class PromotionError(ModelError):
     """A promotion refused: the challenger is worse, or cannot be compared (see --force)."""
-
-
-# ---------------------------------------------------------------------------------------
-# The pyfunc model.
-
-
-def parse_attributes(spec: str | dict | list[str]) -> dict[str, float]:
-    """'Eyeglasses=1,Smiling=-0.5' (or a JSON object, or ['Eyeglasses=+1', ...]) -> dict."""
-    if isinstance(spec, dict):
-        items = list(spec.items())
-    else:
-        text = spec if isinstance(spec, str) else ",".join(spec)
-        text = text.strip()
-        if text.startswith("{"):
-            try:
-                items = list(json.loads(text).items())
-            except (ValueError, AttributeError) as e:
-                raise ModelError(f"attributes {text!r} is not a JSON object ({e})") from None
-        else:
-            items = []
-            for part in filter(None, (p.strip() for p in text.split(","))):
-                name, eq, value = part.partition("=")
-                if not eq or not name.strip():
-                    raise ModelError(f"attribute edit {part!r} is not NAME=STRENGTH (e.g. Eyeglasses=+1)")
-                items.append((name.strip(), value.strip()))
-    out = {}
-    for name, value in items:
-        try:
-            out[name] = float(value)
-        except (TypeError, ValueError):
-            raise ModelError(f"attribute {name!r}: strength {value!r} is not a number") from None
-    if not out:
-        raise ModelError("no attribute edits given; pass e.g. attributes='Eyeglasses=1,Smiling=-1'")
-    return out
-
-
-def _int_param(params: dict, key: str, default: int, lo: int, hi: int) -> int:
-    value = params.get(key, default)
-    if value is None:
-        value = default
-    try:
-        as_int = int(value)
-    except (TypeError, ValueError):
-        raise ModelError(f"{key}={value!r} is not allowed; it must be an integer in {lo}..{hi}") from None
-    if as_int != value and not (isinstance(value, (np.integer, str)) and str(as_int) == str(value)):
-        raise ModelError(f"{key}={value!r} is not allowed; it must be an integer in {lo}..{hi}")
-    if not lo <= as_int <= hi:
-        raise ModelError(f"{key}={as_int} is not allowed; it must be in {lo}..{hi}")
-    return as_int
-
-
-def predict_op(model: VAEGANModel, model_input: Any, params: dict | None) -> np.ndarray | dict:
-    """One request: the op in params["op"] on the rank-4 float input (module docstring)."""
-    params = params or {}
-    op = params.get("op") or "reconstruct"
-    if op not in OPS:
-        raise ModelError(f"unknown op {op!r}; choose one of: {', '.join(OPS)}")
-    if op == "sample":
-        n = _int_param(params, "n", 16, 1, MAX_SAMPLES)
-        seed = _int_param(params, "seed", -1, -1, 2**63 - 1)
-        return _out(model.sample(n, seed=None if seed < 0 else seed))
-    try:
-        x = np.asarray(model_input, dtype=np.float32)
-    except (TypeError, ValueError) as e:
-        raise ModelError(f"op={op}: the input must be a rank-4 array of numbers ({e})") from None
-    if x.ndim >= 1 and len(x) > MAX_IMAGES:
-        raise ModelError(f"op={op}: {len(x)} rows in one request; at most {MAX_IMAGES} are allowed")
-    if op == "decode":
-        L = model.latent_dim
-        if x.ndim == 4 and x.shape[1:] == (L, 1, 1):
-            x = x[:, :, 0, 0]
-        elif not (x.ndim == 2 and x.shape[1] == L):
-            raise ModelError(f"op=decode takes z as a (B, {L}, 1, 1) tensor (latent_dim {L}); got shape "
-                             f"{tuple(x.shape)}")
-        return _out(model.decode(x))
-    if x.ndim != 4:
-        raise ModelError(f"op={op} takes images as (B, C, H, W) or (B, H, W, C); got shape {tuple(x.shape)}")
-    if op == "reconstruct":
-        return _out(model.reconstruct(x))
-    if op == "encode":
-        mu, log_var = model.encode(x)
-        return {"mu": _out(mu), "log_var": _out(log_var)}
-    if op == "edit":
-        if not params.get("attributes"):
-            raise ModelError("op=edit needs params attributes, e.g. 'Eyeglasses=1,Smiling=-1'; this model "
-                             f"knows: {', '.join(model.attribute_vectors) or '(no attribute vectors)'}")
-        return _out(model.edit(x, parse_attributes(params["attributes"])))
-    # interpolate
-    steps = _int_param(params, "steps", 8, 2, MAX_STEPS)
-    if len(x) != 2:
-        raise ModelError(f"op=interpolate takes exactly 2 images (a and b); got {len(x)}")
-    return _out(model.interpolate(x[:1], x[1:], steps=steps))
-
-
-def _out(t: torch.Tensor) -> np.ndarray:
-    return t.detach().float().cpu().numpy()
-
-
-class VAEGANPyfunc(mlflow.pyfunc.PythonModel):
-    """predict(rank-4 float32 tensor, params={"op": ..., ...}); see the module docstring."""
-
-    # MLflow would wrap predict for type-hint validation (and warn that it has none): the
-    # signature and predict_op check the input instead.
-    _skip_type_hint_validation = True
-
-    def load_context(self, context) -> None:
-        from vaegan.models import load_model_files
-
-        files = context.artifacts
-        if "checkpoint" in files:  # logged before the artifacts were split out: a whole checkpoint
-            files = checkpoint_files(files["checkpoint"])
-        self.model = load_model_files(files, device=os.environ.get(DEVICE_ENV, "auto"))
-
-    def predict(self, context, model_input, params: dict | None = None):
-        from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-
-        try:
-            return predict_op(self.model, model_input, params)
-        except ModelError as e:  # the scoring server answers this with a 400 and the message
-            raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
-
-
-def signature(channels: int | None = None, image_size: int | None = None):
-    """A rank-4 float32 input (images, z as (B, L, 1, 1), or a dummy for sample) and the op's
-    params. The arguments are accepted for older callers; which shapes fit is checked by the
-    model, whose error then says what it takes."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
-
-    return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1, -1))]),
-        params=ParamSchema([
-            ParamSpec("op", "string", "reconstruct"), ParamSpec("n", "long", 16),
-            ParamSpec("seed", "long", -1), ParamSpec("attributes", "string", ""),
-            ParamSpec("steps", "long", 8)]),
-    )
-
-
-def pip_requirements() -> list[str]:
-    """Pinned to what runs here, so a served model gets the same stack."""
-    from importlib.metadata import version
-
-    return [f"{p}=={version(p)}" for p in ("torch", "mlflow", "numpy", "pyyaml", "pillow")]
-
-
-def log_model_files(files: dict[str, str | Path], name: str, step: int | None = None):
-    """Log {"weights", "config", "state"?, "attributes"?} files as a pyfunc model of the
-    active run (MLflow 3: its own LoggedModel, linked to the run and `step`)."""
-    from vaegan.models import load_model_files
-
-    cfg = load_model_files(files).cfg  # refuse files that do not load, before logging anything
-    kwargs = {"step": step} if step is not None else {}
-    return mlflow.pyfunc.log_model(
-        name=name, python_model=VAEGANPyfunc(), artifacts={k: str(v) for k, v in files.items()},
-        signature=signature(cfg.model.channels, cfg.model.image_size),
-        pip_requirements=pip_requirements(),
-        # The package travels with the model, so a serving environment needs no vaegan install.
-        code_paths=[str(Path(__file__).parent)], **kwargs)
-
-
-def checkpoint_files(checkpoint_dir: str | Path) -> dict[str, Path]:
-    """The files of a checkpoint folder a model needs (not the optimizer states)."""
-    from vaegan.checkpoint import CONFIG, MODEL, STATE
-
-    d = Path(checkpoint_dir)
-    files = {"weights": d / MODEL, "config": d / CONFIG}
-    for key, fname in (("state", STATE), ("attributes", ATTRIBUTES_FILE)):
-        if (d / fname).is_file():
-            files[key] = d / fname
-    return files
-
-
-def log_checkpoint_model(checkpoint_dir: str | Path, name: str, step: int):
-    """Log a checkpoint directory as a pyfunc model of the active run, linked to `step`."""
-    return log_model_files(checkpoint_files(checkpoint_dir), name, step)
 
 
 def register(model_uri: str, name: str, alias: str | None = None) -> str:
@@ -258,8 +58,6 @@ _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<re
 def client_for(tracking_uri: str | None = None) -> mlflow.MlflowClient:
     """A client for `tracking_uri` (default: MLflow's current URI); an http server that does
     not answer fails in seconds (MLflow's own client retries for minutes)."""
-    from vaegan.tracking import check_reachable
-
     uri = tracking_uri or mlflow.get_tracking_uri()
     check_reachable(uri)
     return mlflow.MlflowClient(uri)
@@ -355,7 +153,7 @@ def run_metric(client: mlflow.MlflowClient, version, metric: str) -> float | Non
 
 
 def list_versions(client: mlflow.MlflowClient, name: str | None = None,
-                  metric: str = DEFAULT_METRIC) -> list[dict]:
+                  metric: str = COMPARE_METRIC) -> list[dict]:
     """One row per version (of `name`, or of every registered model)."""
     if name:
         try:
@@ -398,7 +196,7 @@ class Promotion:
                 + ("  [forced]" if self.forced else ""))
 
 
-def promote(client: mlflow.MlflowClient, name: str, source: str, alias: str, metric: str = DEFAULT_METRIC,
+def promote(client: mlflow.MlflowClient, name: str, source: str, alias: str, metric: str = COMPARE_METRIC,
             higher_is_better: bool = False, force: bool = False) -> Promotion:
     """Point `alias` at the version `source` names (an alias or a version number) if its
     `metric` (from the versions' runs) is not worse than that of the version `alias` points
@@ -434,6 +232,32 @@ def promote(client: mlflow.MlflowClient, name: str, source: str, alias: str, met
 
 
 # ---------------------------------------------------------------------------------------
+# Loading by URI.
+
+
+def load_model(uri: str | os.PathLike, device: str | torch.device = "auto",
+               tracking_uri: str | None = None) -> VAEGANModel:
+    """A VAEGANModel from the registry or a folder.
+
+    uri: models:/NAME@ALIAS | models:/NAME/VERSION | models:/NAME/latest | models:/m-<id> |
+      runs:/RUN_ID/PATH | a local checkpoint folder (model.pt + config.yaml) or a downloaded
+      MLflow model folder. Registry URIs use `tracking_uri`, else MLflow's current one
+      ($MLFLOW_TRACKING_URI). Unknown names, aliases and versions raise ModelError naming them.
+    device: auto (a GPU if there is one) | cpu | cuda[:i].
+    """
+    device = resolve_device(device)
+    text = os.fspath(uri)
+    if not re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]+:/", text):  # no scheme: a local folder
+        if not Path(text).exists():
+            raise ModelError(f"{text!r} is neither a model URI (models:/..., runs:/...) nor an existing "
+                             "folder")
+        return load_folder(text, device)
+    with tempfile.TemporaryDirectory(prefix="vaegan-model-") as tmp:
+        local, info = download_model(text, tmp, tracking_uri=tracking_uri)
+        return load_files(model_files(local), device, info=info)
+
+
+# ---------------------------------------------------------------------------------------
 # Attribute vectors as a new model version.
 
 
@@ -442,19 +266,20 @@ def register_attribute_version(uri: str, shards: str, *, featurizer: str | None 
                                strength: float = 1.0, name: str | None = None, alias: str | None = None,
                                experiment: str = "vaegan", featurizer_steps: int | None = None,
                                tracking_uri: str | None = None, device: str = "auto", s3_endpoint: str = "",
-                               log=print) -> tuple[str, VAEGANModel, Any]:
-    """`vaegan models attributes`: compute the vectors of every attribute in the shards'
-    manifest from up to `max_images` training images, score edits on up to `eval_images`
-    held-out images with an attribute classifier (`featurizer`, or one trained on the shards),
-    and register the same weights plus the vectors as a new version.
+                               log=print) -> tuple[str, VAEGANModel, EditReport]:
+    """`vaegan models attributes`: the model at `uri` with the vectors of every attribute in
+    the shards' manifest, its edits scored by an attribute classifier (`featurizer`, or one
+    trained on the shards), registered as a new version of the same weights.
 
     The new version is logged into the source version's run (same weights, so the run's eval
     metrics still describe it, and `promote` can compare it); a model from a folder gets a new
     run in `experiment`. -> (the new version's URI, the model with vectors, the EditReport).
     """
+    from vaegan.attributes import attribute_model
     from vaegan.featurizer import STEPS, load_featurizer, train_featurizer
-    from vaegan.models import attribute_vectors_from_shards, load_model, load_split, measure_edits
 
+    if alias == "latest":
+        raise ModelError("'latest' is reserved by MLflow; models:/NAME/latest already is the newest version")
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     client = client_for(tracking_uri)
@@ -462,45 +287,42 @@ def register_attribute_version(uri: str, shards: str, *, featurizer: str | None 
     name = name or model.info.get("name")
     if not name:
         raise ModelError(f"{uri!r} is not a registered model version; pass --name to register the vectors")
-    log(f"attribute vectors of {uri} from up to {max_images} training images of {shards}")
-    vectors, meta = attribute_vectors_from_shards(model, shards, max_images, s3_endpoint=s3_endpoint)
-    edited = VAEGANModel(model.net, model.cfg, vectors, meta, device=model.device, info=model.info)
     if featurizer:
         feat = load_featurizer(featurizer, device=model.device)
     else:
         log("no --featurizer: training an attribute classifier on the shards")
         feat = train_featurizer(shards, "all", None, steps=featurizer_steps or STEPS, device=model.device,
                                 log=log)
-    images, attrs, names = load_split(shards, eval_images, "val", s3_endpoint=s3_endpoint)
-    report = measure_edits(edited, feat, images, attrs, names, strength=strength)
-    edited.attribute_meta.update(
-        edit=report.to_dict(), source_uri=uri,
-        featurizer={"path": featurizer or "(trained for this run)", "labels": feat.meta.labels,
-                    "val_accuracy": feat.meta.val_accuracy})
+    edited, report = attribute_model(model, shards, feat, max_images=max_images, eval_images=eval_images,
+                                     strength=strength, s3_endpoint=s3_endpoint, log=log)
+    edited.attribute_meta.update(source_uri=uri, featurizer={
+        "path": featurizer or "(trained for this run)", "labels": feat.meta.labels,
+        "val_accuracy": feat.meta.val_accuracy})
+    logged = _log_into_source_run(client, edited, report, model.info.get("run_id") or "", experiment, name)
+    version = mlflow.register_model(logged.model_uri, name)
+    for key, value in (("vaegan.attributes", ",".join(edited.attribute_vectors)), ("vaegan.source", uri),
+                       ("vaegan.edit_flipped", f"{report.mean_flipped:.4f}")):
+        client.set_model_version_tag(name, version.version, key, value)
+    client.update_model_version(name, version.version, description=report.format())
+    if alias:
+        client.set_registered_model_alias(name, alias, version.version)
+    return f"models:/{name}/{version.version}", edited, report
 
-    run_id = model.info.get("run_id") or ""
+
+def _log_into_source_run(client: mlflow.MlflowClient, model: VAEGANModel, report: EditReport, run_id: str,
+                         experiment: str, name: str):
+    """Log the model with vectors (and the edit scores) into the run of the version it came
+    from, leaving that run's status as it was; or into a new run of `experiment`."""
     status = client.get_run(run_id).info.status if run_id else None
     with tempfile.TemporaryDirectory(prefix="vaegan-attrs-") as tmp:
-        files = checkpoint_files(edited.save(tmp))
         if run_id:
-            from vaegan.tracking import start_run_by_id
-
             run = start_run_by_id(run_id)
         else:
             exp = mlflow.set_experiment(experiment)
             run = mlflow.start_run(experiment_id=exp.experiment_id, run_name=f"attributes-{name}")
         with run:
             mlflow.log_metrics(report.as_metrics())
-            logged = log_model_files(files, name="model-attributes")
+            logged = log_folder_model(model.save(tmp), name="model-attributes")
     if status and status != "FINISHED":  # leave a still-running (or failed) training run as it was
         client.update_run(run_id, status=status)
-    version = mlflow.register_model(logged.model_uri, name)
-    client.set_model_version_tag(name, version.version, "vaegan.attributes", ",".join(vectors))
-    client.set_model_version_tag(name, version.version, "vaegan.source", uri)
-    client.set_model_version_tag(name, version.version, "vaegan.edit_flipped", f"{report.mean_flipped:.4f}")
-    client.update_model_version(name, version.version, description=report.format())
-    if alias:
-        if alias == "latest":
-            raise ModelError("'latest' is reserved by MLflow; models:/NAME/latest already is this version")
-        client.set_registered_model_alias(name, alias, version.version)
-    return f"models:/{name}/{version.version}", edited, report
+    return logged

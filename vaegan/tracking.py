@@ -1,4 +1,4 @@
-"""Tracking: MLflow from rank 0, a do-nothing twin everywhere else.
+"""Tracking: MLflow from rank 0, a do-nothing twin everywhere else, and logging models.
 
 The driver resolves the tracking URI and creates (or finds again, by run name) the MLflow
 run before any worker starts, so an unreachable server fails fast and a resumed training
@@ -12,10 +12,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vaegan.errors import UserError
+
 RUN_NAME_TAG = "vaegan.run_name"
 
 
-class TrackingError(RuntimeError):
+class TrackingError(UserError, RuntimeError):
     """MLflow cannot be used (unreachable server, unwritable store); names the URI."""
 
 
@@ -86,6 +88,30 @@ def start_run_by_id(run_id: str):
     return mlflow.start_run(run_id=run_id)
 
 
+def log_model_files(files: dict[str, str | Path], name: str, step: int | None = None):
+    """Log a model folder's files ({"weights", "config", "state"?, "attributes"?}) as a pyfunc
+    model of the active run (MLflow 3: its own LoggedModel, linked to the run and `step`)."""
+    import mlflow
+
+    from vaegan.inference import load_files
+    from vaegan.pyfunc import VAEGANPyfunc, pip_requirements, signature
+
+    load_files(files)  # refuse files that do not load, before logging anything
+    kwargs = {"step": step} if step is not None else {}
+    return mlflow.pyfunc.log_model(
+        name=name, python_model=VAEGANPyfunc(), artifacts={k: str(v) for k, v in files.items()},
+        signature=signature(), pip_requirements=pip_requirements(),
+        # The package travels with the model, so a serving environment needs no vaegan install.
+        code_paths=[str(Path(__file__).parent)], **kwargs)
+
+
+def log_folder_model(folder: str | Path, name: str, step: int | None = None):
+    """Log a model or checkpoint folder (not its optimizer states) as a pyfunc model."""
+    from vaegan.artifact import folder_files
+
+    return log_model_files(folder_files(folder), name, step)
+
+
 class NullLogger:
     """What ranks other than 0 get: every call does nothing."""
 
@@ -93,8 +119,9 @@ class NullLogger:
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_image(self, image, key: str, step: int) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
     def log_checkpoint(self, path: str | Path, step: int) -> None: ...
-    def finish(self, path: str | Path, model_name: str, step: int) -> str: return ""
+    def log_final_model(self, path: str | Path, step: int) -> str: return ""
     def end(self, status: str = "FINISHED") -> None: ...
 
 
@@ -125,21 +152,20 @@ class MlflowLogger(NullLogger):
     def log_image(self, image, key: str, step: int) -> None:
         self.client.log_image(self.run_id, image, key=key, step=step)
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
     def log_checkpoint(self, path: str | Path, step: int) -> None:
         """The checkpoint's weights as an MLflow model linked to this run and step, so
         checkpoints can be compared by their metrics."""
-        if not self.log_checkpoints:
-            return
-        from vaegan.registry import log_checkpoint_model
+        if self.log_checkpoints:
+            log_folder_model(path, name=f"checkpoint-{step:07d}", step=step)
 
-        log_checkpoint_model(path, name=f"checkpoint-{step:07d}", step=step)
-
-    def finish(self, path: str | Path, model_name: str, step: int) -> str:
-        """Log the final model and register it as the newest version; -> models:/NAME/latest."""
-        from vaegan.registry import log_checkpoint_model, register
-
-        info = log_checkpoint_model(path, name="model", step=step)
-        return register(info.model_uri, model_name)
+    def log_final_model(self, path: str | Path, step: int) -> str:
+        """Log the final model of this run; -> its model URI (for `vaegan.registry.register`)."""
+        return log_folder_model(path, name="model", step=step).model_uri
 
     def end(self, status: str = "FINISHED") -> None:
         self.mlflow.end_run(status=status)

@@ -11,34 +11,35 @@ from its latest checkpoint at exactly that step, in the same MLflow run.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from vaegan.checkpoint import (
-    MODEL,
-    TrainState,
-    load_trainer_state,
-    read_state,
-    save_checkpoint,
-)
+from vaegan.artifact import WEIGHTS
+from vaegan.checkpoint import TrainState, load_trainer_state, read_state, save_checkpoint
 from vaegan.config import Config, config_from_dict
+from vaegan.errors import UserError
+from vaegan.images import grid_image
 from vaegan.losses import StepMetrics
 from vaegan.model import VAEGAN
+
+if TYPE_CHECKING:
+    from vaegan.cluster import Storage
 
 # Fault injection for tests and drills: "STEP:MARKER_PATH" makes rank 0 fail once, right
 # after finishing STEP, unless MARKER_PATH exists (it is created when the fault fires).
 FAULT_ENV = "VAEGAN_FAULT_AT_STEP"
+NODE_TAG = "vaegan.node"  # MLflow run tags vaegan.node.rankR: the Ray node each rank ran on
 
 
-class TrainError(RuntimeError):
+class TrainError(UserError, RuntimeError):
     """Training cannot start or go on; the message says why and what to change."""
 
 
@@ -84,16 +85,6 @@ def noise_seed(seed: int, rank: int, step: int) -> int:
     return (seed * 1_000_003 + rank) * 1_000_033 + step
 
 
-def _grid(images: torch.Tensor, nrow: int):
-    """(B, C, H, W) in [-1, 1] -> a PIL image grid."""
-    from torchvision.transforms.functional import to_pil_image
-    from torchvision.utils import make_grid
-
-    grid = make_grid(images.float().cpu().clamp(-1, 1), nrow=nrow, normalize=True,
-                     value_range=(-1, 1), pad_value=1.0)
-    return to_pil_image(grid)
-
-
 @torch.no_grad()
 def image_grids(model: VAEGAN, fixed_z: torch.Tensor, real: torch.Tensor):
     """A sample grid from a fixed noise batch (comparable across steps), and a
@@ -104,16 +95,43 @@ def image_grids(model: VAEGAN, fixed_z: torch.Tensor, real: torch.Tensor):
     recon = model.reconstruct(real)
     model.train(was_training)
     pairs = torch.stack([real.to(recon.dtype), recon], dim=1).flatten(0, 1)
-    return _grid(samples, 8), _grid(pairs, 8)
+    return grid_image(samples, 8), grid_image(pairs, 8)
+
+
+@dataclass
+class Worker:
+    """What one rank holds for the whole run."""
+
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    memory_format: torch.memory_format
+    model: VAEGAN
+    step: Any  # vaegan.step.TrainStep over the (DDP-wrapped) networks
+    state: TrainState
+    logger: Any  # MlflowLogger on rank 0, NullLogger elsewhere
+    fixed_z: torch.Tensor | None = None  # rank 0: what the sample grid shows, fixed for the run
+    real: torch.Tensor | None = None  # rank 0: the held-out images the reconstruction grid shows
+    evaluator: _Evaluator | None = None
 
 
 def train_loop_per_worker(config: dict) -> None:
     """One DDP rank. `config` carries the resolved Config and the driver's resolutions."""
+    w = set_up(config)
+    announce(w)
+    loop(w, config)
+    w.logger.end()
+
+
+def set_up(config: dict) -> Worker:
+    """The model (resumed from the latest checkpoint, if any), its DDP wrappers, the step,
+    the tracker, and on rank 0 what the image grids and the evaluation look at."""
     import ray.train
     import ray.train.torch
 
     from vaegan import distributed
-    from vaegan.data import make_loader
+    from vaegan.cluster import node_id
     from vaegan.step import TrainStep
     from vaegan.tracking import MlflowLogger, NullLogger
 
@@ -123,82 +141,122 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = VAEGAN(cfg.model).to(device, memory_format=memory_format)
-    state, trainer_state = TrainState(mlflow_run_id=config["mlflow_run_id"]), None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:  # resume: weights, optimizers and data position from the latest checkpoint
-        with checkpoint.as_directory() as d:
-            model.load_state_dict(torch.load(Path(d) / MODEL, map_location=device, weights_only=True))
-            state, trainer_state = read_state(d), load_trainer_state(d)
+    state, trainer_state = resume(model, device, TrainState(mlflow_run_id=config["mlflow_run_id"]))
     enc, dec, dis = distributed.wrap(model, device, cfg.train.sync_bn)
     step = TrainStep(enc, dec, dis, cfg, device, mean_across_ranks=distributed.mean)
     if trainer_state:
         step.load_state_dict(trainer_state)
-    logger = (MlflowLogger(config["tracking_uri"], state.mlflow_run_id, cfg.tracking.log_checkpoints)
-              if rank == 0 else NullLogger())
+    nodes = distributed.gather(node_id())  # every rank takes part; rank 0 records them
+    logger = NullLogger()
+    if rank == 0:
+        logger = MlflowLogger(config["tracking_uri"], state.mlflow_run_id, cfg.tracking.log_checkpoints)
+        logger.set_tags({f"{NODE_TAG}.rank{r}": n for r, n in enumerate(nodes)})
+    w = Worker(cfg, rank, world, device, memory_format, model, step, state, logger)
+    if rank == 0:
+        from vaegan.data import read_split
 
-    loader_kw = dict(batch_size=cfg.data.batch_size, rank=rank, world_size=world,
-                     loader_workers=cfg.data.loader_workers, shuffle_buffer=cfg.data.shuffle_buffer,
-                     flip=cfg.data.flip, seed=cfg.train.seed, s3_endpoint=cfg.data.s3_endpoint,
-                     max_corrupt_fraction=cfg.data.max_corrupt_fraction)
-    fixed_z = real = evaluator = None
-    if rank == 0:  # what the image grids show, fixed for the whole run
-        from vaegan.evaluate import load_real_images
-
+        held_out = read_split(cfg.data.shards, max(16, cfg.train.eval_images),
+                              s3_endpoint=cfg.data.s3_endpoint)
         fixed_z = torch.randn(64, cfg.model.latent_dim, generator=torch.Generator().manual_seed(1234))
-        held_out = load_real_images(cfg.data.shards, n=max(16, cfg.train.eval_images),
-                                    s3_endpoint=cfg.data.s3_endpoint)
-        fixed_z, real = fixed_z.to(device), held_out[:16].to(device)
+        w.fixed_z = fixed_z.to(device)
+        w.real = held_out[:16].to(device)
         if cfg.train.eval_every:
-            evaluator = _Evaluator(model, held_out, config["featurizer"], cfg.train.eval_images, device)
+            w.evaluator = _Evaluator(model, held_out, config["featurizer"], cfg.train.eval_images, device)
+    return w
 
-    T, batch = cfg.train, cfg.data.batch_size
-    if state.step == 0 and rank == 0:
-        say(f"[vaegan] training {T.name}: {T.steps} steps, {world} worker(s) x batch {batch}, "
-            f"precision {step.precision}, MLflow run {state.mlflow_run_id}")
-    elif rank == 0:
-        say(f"[vaegan] resuming {T.name} at step {state.step} (epoch {state.epoch}, "
-            f"batch {state.batch})")
-    start_step, t_start = state.step, time.time()
-    window, t_window = [], time.time()
+
+def resume(model: VAEGAN, device: torch.device, state: TrainState) -> tuple[TrainState, dict | None]:
+    """Weights into `model`, and (train state, optimizer states) from Ray's latest checkpoint;
+    `state` and None when the run starts fresh."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return state, None
+    with checkpoint.as_directory() as d:
+        model.load_state_dict(torch.load(Path(d) / WEIGHTS, map_location=device, weights_only=True))
+        return read_state(d), load_trainer_state(d)
+
+
+def announce(w: Worker) -> None:
+    if w.rank != 0:
+        return
+    T, s = w.cfg.train, w.state
+    if s.step == 0:
+        say(f"[vaegan] training {T.name}: {T.steps} steps, {w.world} worker(s) x batch "
+            f"{w.cfg.data.batch_size}, precision {w.step.precision}, MLflow run {s.mlflow_run_id}")
+    else:
+        say(f"[vaegan] resuming {T.name} at step {s.step} (epoch {s.epoch}, batch {s.batch})")
+
+
+def loop(w: Worker, config: dict) -> None:
+    """Epochs of this rank's shard partition until train.steps; every rank does the same
+    number of steps and reports (a report is a barrier, and DDP needs the same backwards)."""
+    from vaegan.data import make_loader
+
+    cfg, T, state = w.cfg, w.cfg.train, w.state
+    loader_kw = dict(batch_size=cfg.data.batch_size, rank=w.rank, world_size=w.world,
+                     loader_workers=cfg.data.loader_workers, shuffle_buffer=cfg.data.shuffle_buffer,
+                     flip=cfg.data.flip, seed=T.seed, s3_endpoint=cfg.data.s3_endpoint,
+                     max_corrupt_fraction=cfg.data.max_corrupt_fraction)
+    progress = Progress(state.step, T.steps)
     while state.step < T.steps:
         loader = make_loader(cfg.data.shards, epoch=state.epoch, start_batch=state.batch, **loader_kw)
         for images in loader:
-            images = images.to(device, memory_format=memory_format, non_blocking=True)
-            step.generator.manual_seed(noise_seed(T.seed, rank, state.step))
-            window.append(step(images))
+            images = images.to(w.device, memory_format=w.memory_format, non_blocking=True)
+            w.step.generator.manual_seed(noise_seed(T.seed, w.rank, state.step))
+            progress.window.append(w.step(images))
             state.step += 1
             state.batch += 1
-            if rank == 0 and config.get("fault"):
+            if w.rank == 0 and config.get("fault"):
                 _maybe_fail(config["fault"], state.step)
-            last = state.step >= T.steps
-            eval_due = T.eval_every and (state.step % T.eval_every == 0 or last)
-            if state.step % T.log_every == 0 or last or eval_due:
-                metrics = _window_metrics(window, time.time() - t_window, batch, loader, distributed)
-                if evaluator and eval_due:  # rank 0 only; the others wait at the report below
-                    metrics.update(evaluator())
-                window, t_window = [], time.time()
-                logger.log_metrics(metrics, state.step)
-                if rank == 0:
-                    _print_progress(state.step, T.steps, metrics, start_step, t_start)
-            else:
-                metrics = None
-            if rank == 0 and (state.step % T.image_every == 0 or last):
-                samples, recons = image_grids(model, fixed_z, real)
-                logger.log_image(samples, "samples", state.step)
-                logger.log_image(recons, "reconstructions", state.step)
-            if state.step % T.checkpoint_every == 0 or last:
-                _report_checkpoint(model, step, cfg, state, metrics, rank, logger, last,
-                                   register=config.get("register", True))
-            elif metrics is not None:  # a barrier on every rank; reaches Tune too (with its step)
-                ray.train.report({**metrics, "step": state.step})
-            if last:
+            report(w, progress, loader, register=config.get("register", True))
+            if state.step >= T.steps:
                 break
         else:  # the epoch ran out before the steps did
             state.epoch, state.batch = state.epoch + 1, 0
-    logger.end()
+
+
+@dataclass
+class Progress:
+    """The step breakdowns since the last report, and the clock for the ETA."""
+
+    start_step: int
+    steps: int
+    window: list = field(default_factory=list)
+    t_window: float = field(default_factory=time.time)
+    t_start: float = field(default_factory=time.time)
+
+
+def report(w: Worker, progress: Progress, loader, register: bool) -> None:
+    """What is due after this step: metrics (and evaluation), image grids, a checkpoint."""
+    import ray.train
+
+    from vaegan import distributed
+
+    T, step = w.cfg.train, w.state.step
+    last = step >= T.steps
+    eval_due = T.eval_every and (step % T.eval_every == 0 or last)
+    metrics = None
+    if step % T.log_every == 0 or last or eval_due:
+        metrics = _window_metrics(progress.window, time.time() - progress.t_window, w.cfg.data.batch_size,
+                                  loader, distributed)
+        if w.evaluator and eval_due:  # rank 0 only; the others wait at the report below
+            metrics.update(w.evaluator())
+        progress.window, progress.t_window = [], time.time()
+        w.logger.log_metrics(metrics, step)
+        if w.rank == 0:
+            _print_progress(step, T.steps, metrics, progress.start_step, progress.t_start)
+    if w.rank == 0 and (step % T.image_every == 0 or last):
+        samples, recons = image_grids(w.model, w.fixed_z, w.real)
+        w.logger.log_image(samples, "samples", step)
+        w.logger.log_image(recons, "reconstructions", step)
+    if step % T.checkpoint_every == 0 or last:
+        _report_checkpoint(w, metrics, last, register)
+    elif metrics is not None:  # a barrier on every rank; reaches Tune too (with its step)
+        ray.train.report({**metrics, "step": step})
 
 
 class _Evaluator:
@@ -252,25 +310,26 @@ def _hms(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def _report_checkpoint(model, step, cfg: Config, state: TrainState, metrics, rank: int, logger,
-                       last: bool, register: bool = True) -> None:
+def _report_checkpoint(w: Worker, metrics: dict | None, last: bool, register: bool) -> None:
     """Rank 0 writes the checkpoint directory; every rank reports (a barrier). After the last
-    one rank 0 logs and registers the final model, unless `register` is off (a sweep's trials:
-    the sweep registers only its best trial)."""
+    one rank 0 logs the final model and registers it, unless `register` is off (a sweep's
+    trials: the sweep registers only its best trial)."""
     import ray.train
 
     metrics = metrics or {}
-    if rank != 0:
+    if w.rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
     tmp = Path(tempfile.mkdtemp(prefix="vaegan-ckpt-"))
     try:
-        path = save_checkpoint(tmp / f"step-{state.step:07d}", model, cfg, state, step.state_dict())
-        ray.train.report({**metrics, "step": state.step},
+        path = save_checkpoint(tmp / f"step-{w.state.step:07d}", w.model, w.cfg, w.state, w.step.state_dict())
+        ray.train.report({**metrics, "step": w.state.step},
                          checkpoint=ray.train.Checkpoint.from_directory(str(path)))
-        logger.log_checkpoint(path, state.step)
+        w.logger.log_checkpoint(path, w.state.step)
         if last and register:
-            uri = logger.finish(path, cfg.tracking.model_name, state.step)
+            from vaegan.registry import register as register_model
+
+            uri = register_model(w.logger.log_final_model(path, w.state.step), w.cfg.tracking.model_name)
             say(f"[vaegan] registered {uri}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -326,67 +385,7 @@ def resolve_featurizer(cfg: Config) -> str:
     return str(out)
 
 
-def _storage(cfg: Config):
-    """(storage_path, storage_filesystem) for RunConfig; checks that it is writable."""
-    path = cfg.train.storage_path or str(Path("runs").resolve())
-    if path.startswith("s3://"):
-        import pyarrow.fs
-
-        from vaegan.data.storage import s3_filesystem
-
-        fs = s3_filesystem(cfg.data.s3_endpoint)
-        bare = path[len("s3://"):].rstrip("/")
-        probe = f"{bare}/.vaegan-write-probe"
-        try:
-            fs.pipe(probe, b"ok")
-            fs.rm(probe)
-        except Exception as e:
-            raise TrainError(f"checkpoint storage {path} is not writable: {e}") from None
-        return bare, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
-    path = str(Path(path).resolve())
-    try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path):
-            pass
-    except OSError as e:
-        raise TrainError(f"checkpoint storage {path} is not writable ({e.strerror})") from None
-    return path, None
-
-
-def _connect_ray(cfg: Config) -> None:
-    """RAY_ADDRESS when set (a cluster, or inside `ray job submit`), else a local Ray."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-    else:
-        need = math.ceil(cfg.train.num_workers * cfg.train.cpus_per_worker)
-        # address="local": always a new local Ray, never a stale /tmp/ray cluster file's
-        # The dashboard serves Ray's State API, which Ray Train's placement-group watcher
-        # polls: without it, a "State API unavailable" warning every second or two floods the console.
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need),
-                 include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
-
-
-def _check_resources(cfg: Config) -> None:
-    """A clear error instead of an endless wait for workers that cannot be placed."""
-    import ray
-
-    res = ray.cluster_resources()
-    T = cfg.train
-    need_cpu = T.num_workers * T.cpus_per_worker
-    if need_cpu > res.get("CPU", 0) + 1e-9:
-        raise TrainError(f"train.num_workers={T.num_workers} x train.cpus_per_worker="
-                         f"{T.cpus_per_worker} needs {need_cpu:g} CPUs but the Ray cluster has "
-                         f"{res.get('CPU', 0):g}; lower one of them or add nodes")
-    if T.use_gpu and T.num_workers > res.get("GPU", 0):
-        raise TrainError(f"train.use_gpu=true with train.num_workers={T.num_workers} needs "
-                         f"{T.num_workers} GPUs but the Ray cluster has {res.get('GPU', 0):g}")
-
-
-def build_trainer(cfg: Config, run_id: str, uri: str, featurizer: str, storage_path: str, storage_fs,
+def build_trainer(cfg: Config, run_id: str, uri: str, featurizer: str, storage: Storage,
                   *, callbacks: list | None = None, register: bool = True):
     """The TorchTrainer of one training run named `cfg.train.name`, everything resolved (data,
     featurizer, storage, MLflow run). `fit` runs one; a Tune driver builds one per trial
@@ -403,7 +402,7 @@ def build_trainer(cfg: Config, run_id: str, uri: str, featurizer: str, storage_p
         scaling_config=ScalingConfig(num_workers=T.num_workers, use_gpu=T.use_gpu,
                                      resources_per_worker={"CPU": T.cpus_per_worker}),
         run_config=RunConfig(
-            name=T.name, storage_path=storage_path, storage_filesystem=storage_fs,
+            name=T.name, storage_path=storage.path, storage_filesystem=storage.filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=T.keep_checkpoints),
             failure_config=FailureConfig(max_failures=T.max_failures), callbacks=callbacks),
     )
@@ -411,18 +410,23 @@ def build_trainer(cfg: Config, run_id: str, uri: str, featurizer: str, storage_p
 
 def fit(cfg: Config) -> FitResult:
     """Check everything that can be checked, then train on Ray. Blocks until done."""
+    from vaegan import cluster
     from vaegan.tracking import resolve_tracking_uri, start_or_resume_run
 
+    T = cfg.train
     cfg.data.shards = resolve_data(cfg)
     featurizer = resolve_featurizer(cfg)
-    storage_path, storage_fs = _storage(cfg)
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     cfg.tracking.tracking_uri = uri
-    run_id = start_or_resume_run(uri, cfg.tracking.experiment, cfg.train.name, cfg.flat())
-    _connect_ray(cfg)
-    _check_resources(cfg)
-    T = cfg.train
-    trainer = build_trainer(cfg, run_id, uri, featurizer, storage_path, storage_fs)
+    cluster.connect(T.num_workers * T.cpus_per_worker)
+    cluster.check_resources(
+        T.num_workers * T.cpus_per_worker, T.num_workers if T.use_gpu else 0,
+        asked=f"train.num_workers={T.num_workers} x train.cpus_per_worker={T.cpus_per_worker:g}"
+              + (" (one GPU each: train.use_gpu=true)" if T.use_gpu else ""),
+        fix="lower train.num_workers or train.cpus_per_worker, or add nodes")
+    storage = cluster.resolve_storage(T.storage_path, cfg.data.s3_endpoint, shared=T.shared_storage)
+    run_id = start_or_resume_run(uri, cfg.tracking.experiment, T.name, cfg.flat())
+    trainer = build_trainer(cfg, run_id, uri, featurizer, storage)
     try:
         result = trainer.fit()
     except Exception as e:  # Ray's TrainingFailedError wraps the worker's exception
@@ -432,8 +436,7 @@ def fit(cfg: Config) -> FitResult:
         raise TrainError(f"training run {T.name} failed: {result.error}")
     step = read_state_from_result(result)
     model_uri = f"models:/{cfg.tracking.model_name}/latest"
-    storage = f"{T.storage_path or storage_path}/{T.name}"
-    return FitResult(T.name, run_id, uri, model_uri, storage, step)
+    return FitResult(T.name, run_id, uri, model_uri, storage.child(T.name).url, step)
 
 
 def read_state_from_result(result) -> int:

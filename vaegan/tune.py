@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vaegan.config import Config, config_from_dict
+from vaegan.config import COMPARE_METRIC, Config, config_from_dict
+from vaegan.errors import UserError
 from vaegan.tracking import RUN_NAME_TAG
 
 CHALLENGER = "challenger"
@@ -38,14 +39,14 @@ TRIAL_TAG = "vaegan.trial_id"
 # Higher is better for these; lower for the others.
 MAXIMIZE = ("eval_ssim_recon", "eval_recognisable", "eval_recognisable_p50", "eval_recognisable_real",
             "images_per_s")
-LOCAL_MIN_CPUS = 8  # logical CPUs of a local Ray (PLATFORM.md: 2 made a multi-trial sweep hang)
+LOCAL_MIN_CPUS = 8  # logical CPUs of a local Ray (2 made a multi-trial sweep hang: docs/platform.md#ray-tune)
 
 
-class TuneError(ValueError):
+class TuneError(UserError, ValueError):
     """A sweep that cannot start as asked; the message says why and what to change."""
 
 
-class SweepError(RuntimeError):
+class SweepError(UserError, RuntimeError):
     """A sweep ran but some of its trials failed or did not finish; running it again resumes."""
 
 
@@ -65,7 +66,7 @@ class SweepOptions:
     """If both are set, optim.lr is drawn log-uniformly from [lr_min, lr_max] too."""
     workers_per_trial: int = 0
     """Ray Train workers per trial; 0: train.num_workers."""
-    metric: str = "eval_fid_samples"
+    metric: str = COMPARE_METRIC
     """What ASHA and the choice of the best trial look at: a metric the loop reports."""
     mode: str = ""
     """min | max; empty: max for those in MAXIMIZE (SSIM, the recognisable shares, images_per_s),
@@ -217,40 +218,17 @@ def per_trial_cpus(cfg: Config, opts: SweepOptions) -> float:
     return opts.trial_cpus + opts.workers_per_trial * cfg.train.cpus_per_worker
 
 
-def _connect_ray(cfg: Config, opts: SweepOptions) -> None:
-    """RAY_ADDRESS when set, else a local Ray with logical CPUs to spare: a trial's resources
-    are freed a little after it ends, and a cluster sized exactly made the next trial wait
-    forever (PLATFORM.md)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS", "local") != "local":
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-        return
-    need = min(opts.max_concurrent, opts.trials) * per_trial_cpus(cfg, opts)
-    # address="local": a new Ray even when /tmp/ray names another (or a dead) cluster
-    ray.init(address="local", num_cpus=max(LOCAL_MIN_CPUS, os.cpu_count() or 1, math.ceil(2 * need)),
-             include_dashboard=False, log_to_driver=True)
-
-
 def check_resources(cfg: Config, opts: SweepOptions) -> None:
     """A clear error instead of trials that wait forever for CPUs (or GPUs) nobody has."""
-    import ray
+    from vaegan import cluster
 
-    res = ray.cluster_resources()
     concurrent = min(opts.max_concurrent, opts.trials)
     k, cpw = opts.workers_per_trial, cfg.train.cpus_per_worker
-    need = concurrent * per_trial_cpus(cfg, opts)
-    have = res.get("CPU", 0)
-    if need > have + 1e-9:
-        raise TuneError(f"--max-concurrent {concurrent} trials x ({opts.trial_cpus:g} CPU for the trial + "
-                        f"{k} workers x train.cpus_per_worker={cpw:g}) needs {need:g} CPUs but the Ray "
-                        f"cluster has {have:g}; lower --max-concurrent, --workers-per-trial or "
-                        "train.cpus_per_worker, or add nodes")
-    if cfg.train.use_gpu and concurrent * k > res.get("GPU", 0):
-        raise TuneError(f"--max-concurrent {concurrent} trials x {k} GPU workers needs {concurrent * k} "
-                        f"GPUs but the Ray cluster has {res.get('GPU', 0):g}")
+    cluster.check_resources(
+        concurrent * per_trial_cpus(cfg, opts), concurrent * k if cfg.train.use_gpu else 0,
+        asked=f"--max-concurrent {concurrent} trials x ({opts.trial_cpus:g} CPU for the trial + {k} "
+              f"workers x train.cpus_per_worker={cpw:g})",
+        fix="lower --max-concurrent, --workers-per-trial or train.cpus_per_worker, or add nodes")
 
 
 # ---------------------------------------------------------------------------------------
@@ -297,13 +275,15 @@ def driver_fn(config: dict, ctx: dict) -> None:
     import mlflow
     import ray.tune
 
+    from vaegan.cluster import storage_for
     from vaegan.tracking import start_or_resume_run
-    from vaegan.train import FAULT_ENV, _storage, build_trainer
+    from vaegan.train import FAULT_ENV, build_trainer
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(ctx["cfg"], config, f"{ctx['name']}-{trial_id}")
     cfg.train.num_workers = ctx["workers"]
-    cfg.train.storage_path = ctx["trials_storage"]
+    storage = storage_for(ctx["trials_storage"], cfg.data.s3_endpoint)  # the sweep checked it
+    cfg.train.storage_path = storage.url
     uri = cfg.tracking.tracking_uri
     run_id = start_or_resume_run(uri, cfg.tracking.experiment, cfg.train.name, cfg.flat())
     client = mlflow.MlflowClient(uri)
@@ -312,13 +292,12 @@ def driver_fn(config: dict, ctx: dict) -> None:
         client.set_tag(run_id, key, value)
     if ctx["fault"]:  # fault injection (tests, drills): see vaegan.train.FAULT_ENV
         os.environ[FAULT_ENV] = ctx["fault"]
-    storage_path, storage_fs = _storage(cfg)
     metric, steps = ctx["metric"], cfg.train.steps
-    trainer = build_trainer(cfg, run_id, uri, ctx["featurizer"], storage_path, storage_fs,
+    trainer = build_trainer(cfg, run_id, uri, ctx["featurizer"], storage,
                             callbacks=[_report_callback(metric, steps)], register=False)
     result = trainer.fit()  # raises if training failed: the trial fails
     final = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
-    if metric not in final:  # read it back from the child run (PLATFORM.md: metrics can be None)
+    if metric not in final:  # None at times (docs/platform.md#ray-train): read it from the child run
         final.update(client.get_run(run_id).data.metrics)
     final["step"] = steps
     final["checkpoint_path"] = result.checkpoint.path if result.checkpoint else ""
@@ -378,8 +357,9 @@ def sweep(cfg: Config, opts: SweepOptions) -> SweepResult:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    from vaegan import cluster
     from vaegan.tracking import resolve_tracking_uri
-    from vaegan.train import FAULT_ENV, _storage, resolve_data, resolve_featurizer
+    from vaegan.train import FAULT_ENV, resolve_data, resolve_featurizer
 
     cfg = config_from_dict(cfg.to_dict())  # the caller's config stays as it was
     opts = check_options(cfg, opts)
@@ -388,22 +368,27 @@ def sweep(cfg: Config, opts: SweepOptions) -> SweepResult:
     if featurizer and "://" not in featurizer:
         featurizer = str(Path(featurizer).resolve())  # trials and workers run in other folders
     _check_featurizer(featurizer, opts.metric)
-    storage_path, storage_fs = _storage(cfg)
     cfg.tracking.tracking_uri = uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
-    _connect_ray(cfg, opts)
+    # Logical CPUs to spare: a trial's resources are freed a little after it ends, and a local
+    # Ray sized exactly made the next trial wait forever (docs/platform.md#ray-tune).
+    concurrent = min(opts.max_concurrent, opts.trials)
+    cluster.connect(2 * concurrent * per_trial_cpus(cfg, opts), min_cpus=LOCAL_MIN_CPUS)
     check_resources(cfg, opts)
+    storage = cluster.resolve_storage(cfg.train.storage_path, cfg.data.s3_endpoint,
+                                      shared=cfg.train.shared_storage)
     parent = _parent_run(uri, cfg, opts)
 
-    base = cfg.train.storage_path.rstrip("/") if cfg.train.storage_path.startswith("s3://") else storage_path
+    trials = storage.child(f"{opts.name}-trials")
     ctx = {"cfg": cfg.to_dict(), "name": opts.name, "parent_run_id": parent, "metric": opts.metric,
            "workers": opts.workers_per_trial, "featurizer": featurizer,
-           "trials_storage": f"{base}/{opts.name}-trials", "fault": os.environ.get(FAULT_ENV, "")}
+           "trials_storage": trials.url,
+           "fault": os.environ.get(FAULT_ENV, "")}
     trainable = tune.with_resources(tune.with_parameters(driver_fn, ctx=ctx), {"CPU": opts.trial_cpus})
-    path = f"{storage_path}/{opts.name}"
-    if tune.Tuner.can_restore(path, storage_filesystem=storage_fs):
+    path = f"{storage.path}/{opts.name}"
+    if tune.Tuner.can_restore(path, storage_filesystem=storage.filesystem):
         print(f"[vaegan] resuming sweep {opts.name} from {path}", flush=True)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True, storage_filesystem=storage_fs)
+                                   resume_errored=True, storage_filesystem=storage.filesystem)
     else:
         print(f"[vaegan] sweep {opts.name}: {opts.trials} trials, gamma in [{opts.gamma_min:g}, "
               f"{opts.gamma_max:g}], {opts.workers_per_trial} worker(s) each, ASHA on {opts.metric} "
@@ -419,12 +404,11 @@ def sweep(cfg: Config, opts: SweepOptions) -> SweepResult:
                                         grace_period=opts.grace_period,
                                         reduction_factor=opts.reduction_factor),
                 trial_dirname_creator=_trial_dirname),
-            run_config=tune.RunConfig(name=opts.name, storage_path=storage_path,
-                                      storage_filesystem=storage_fs, verbose=1,
+            run_config=tune.RunConfig(name=opts.name, storage_path=storage.path,
+                                      storage_filesystem=storage.filesystem, verbose=1,
                                       failure_config=tune.FailureConfig(max_failures=0)))
     grid = tuner.fit()
-    res = SweepResult(opts.name, parent, uri, opts.metric, opts.mode,
-                      storage=f"{cfg.train.storage_path or storage_path}/{opts.name}")
+    res = SweepResult(opts.name, parent, uri, opts.metric, opts.mode, storage=storage.child(opts.name).url)
     res.rows = _rows(grid, cfg, opts)
     _summarise(res, cfg, opts)
     return res
@@ -514,7 +498,9 @@ def register_challenger(best: TrialRow, cfg: Config, uri: str) -> str:
     from mlflow.exceptions import MlflowException
     from ray.train import Checkpoint
 
-    from vaegan.registry import log_checkpoint_model, register
+    from vaegan.cluster import storage_for
+    from vaegan.registry import register
+    from vaegan.tracking import log_folder_model, start_run_by_id
 
     name = cfg.tracking.model_name
     mlflow.set_tracking_uri(uri)
@@ -526,14 +512,10 @@ def register_challenger(best: TrialRow, cfg: Config, uri: str) -> str:
         pass  # no challenger yet
     if not best.checkpoint_path:
         raise SweepError(f"trial {best.trial_id} reported no final checkpoint; cannot register it")
-    from vaegan.train import _storage
-
-    _, fs = _storage(cfg)
+    fs = storage_for(cfg.train.storage_path, cfg.data.s3_endpoint).filesystem
     checkpoint = Checkpoint(best.checkpoint_path, filesystem=fs)
-    from vaegan.tracking import start_run_by_id
-
     with checkpoint.as_directory() as d, start_run_by_id(best.run_id):
-        info = log_checkpoint_model(d, name="model", step=best.step)
+        info = log_folder_model(d, name="model", step=best.step)
     return register(info.model_uri, name, alias=CHALLENGER)
 
 

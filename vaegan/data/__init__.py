@@ -5,6 +5,7 @@
     prepare("mnist5k", "s3://bucket/mnist5k")              # or `vaegan data prepare`
     check_shards(url)                                       # pre-flight before training
     loader = make_loader(url, batch_size=64, rank=r, world_size=n, epoch=e)
+    images = read_split(url, 500, "val")                      # the first 500, in reader order
 
 Modules: `sources` (folder, celeba, mnist5k, synthetic-faces), `faces` (the synthetic face
 generator), `shards` (writer + manifest), `manifest` (its format, read and check), `reader`
@@ -20,6 +21,8 @@ from vaegan.data.errors import DataError, DataWarning
 _LAZY = {
     "make_loader": "vaegan.data.reader",
     "ShardLoader": "vaegan.data.reader",
+    "read_split": "vaegan.data.reader",
+    "covering_batch_size": "vaegan.data.reader",
     "read_manifest": "vaegan.data.manifest",
     "check_shards": "vaegan.data.manifest",
     "prepare": "vaegan.data.shards",

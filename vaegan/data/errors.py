@@ -4,8 +4,10 @@ Kept in their own tiny module so the CLI can catch `DataError` without importing
 WebDataset.
 """
 
+from vaegan.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """Bad data input: a missing source, an unwritable or unreachable destination, shards
     that cannot be read, or too many corrupt samples. The message names the bad value."""
 

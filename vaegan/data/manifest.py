@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 
 from vaegan.data.errors import DataError
-from vaegan.data.storage import _CHECK_RETRIES, Location, as_data_error
+from vaegan.data.storage import CHECK_RETRIES, Location, as_data_error
 
 MANIFEST = "manifest.json"
 FORMAT = "vaegan-shards"
@@ -95,7 +95,7 @@ def check_shards(shards: str, s3_endpoint: str = "") -> dict:
     """Fast pre-flight before training: the manifest is readable and every shard it lists is
     there. Raises one DataError naming the URL (missing bucket, no credentials, endpoint
     unreachable, no manifest, missing shards); returns the manifest."""
-    loc = Location(shard_folder(shards), s3_endpoint, retries=_CHECK_RETRIES)
+    loc = Location(shard_folder(shards), s3_endpoint, retries=CHECK_RETRIES)
     manifest = _read(loc)
     present = set(loc.list_names())
     missing = [sh["name"] for split in SPLITS for sh in manifest["splits"][split]["shards"]

@@ -340,3 +340,43 @@ def make_loader(shards: str, *, batch_size: int, rank: int = 0, world_size: int 
                        loader_workers=loader_workers, shuffle_buffer=shuffle_buffer, flip=flip, seed=seed,
                        epoch=epoch, start_batch=start_batch, with_attributes=with_attributes,
                        s3_endpoint=s3_endpoint, max_corrupt_fraction=max_corrupt_fraction)
+
+
+def covering_batch_size(split_samples: int, wanted: int, cap: int) -> int:
+    """A batch size <= cap with which a loader (which drops a split's last partial batch)
+    still yields `wanted` of the split's `split_samples` images: cap if that is enough, else
+    the largest divisor of split_samples in [cap / 4, cap] (500 -> 250), else the size of
+    ceil(split_samples / cap) near-equal batches (then fewer than that many images are lost)."""
+    if split_samples // cap * cap >= wanted:
+        return cap
+    for b in range(cap, max(cap // 4, 1) - 1, -1):
+        if split_samples % b == 0:
+            return b
+    return max(split_samples // -(-split_samples // cap), 1)
+
+
+def read_split(shards: str, n: int, split: str = "val", *, with_attributes: bool = False,
+               batch_size: int = 250, s3_endpoint: str = ""):
+    """The first n images of `split` in reader order (no shuffle, no flip): the same images
+    every time, for evaluation, image grids and attribute vectors.
+
+    -> images (N, C, H, W), or (images, attributes (N, A)) with `with_attributes`; N <= n."""
+    manifest = read_manifest(shards, s3_endpoint)
+    if split not in manifest["splits"]:
+        raise DataError(f"split {split!r} is not in {shards!r}; it has: {', '.join(manifest['splits'])}")
+    available = manifest["splits"][split]["samples"]
+    bs = covering_batch_size(available, min(n, available), batch_size)
+    xs, ys, seen = [], [], 0
+    for batch in make_loader(shards, batch_size=bs, split=split, with_attributes=with_attributes,
+                             shuffle_buffer=0, flip=False, s3_endpoint=s3_endpoint):
+        x, a = batch if with_attributes else (batch, None)
+        xs.append(x[:n - seen])
+        if with_attributes:
+            ys.append(a[:n - seen])
+        seen += len(xs[-1])
+        if seen >= n:
+            break
+    if not xs:
+        raise DataError(f"split {split!r} of {shards!r} has no images")
+    images = torch.cat(xs)
+    return (images, torch.cat(ys)) if with_attributes else images

@@ -25,7 +25,7 @@ from vaegan.data.errors import DataError
 # One connect attempt fails in ~0 s on a refused port; botocore's default (5 attempts with
 # backoff) would make a pre-flight check of a wrong endpoint hang for several seconds.
 _READ_RETRIES = 3
-_CHECK_RETRIES = 1
+CHECK_RETRIES = 1
 
 
 def is_s3(url: str) -> bool:
