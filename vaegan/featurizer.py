@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import itertools
 import json
 import math
 import time
@@ -343,66 +344,78 @@ def train_featurizer(data: Any, label_key: str, out: str | Path | None = None, *
         raise EvalError("train_featurizer: pass `attributes` (the label columns' names) with tensor or "
                         "iterable data; only a shards URL carries them in its manifest")
     cols = _select_columns(label_key, list(names))
-
-    def stream():  # endless batches over epochs 0, 1, 2, ...
-        epoch = 0
-        while True:
-            n = 0
-            for x, attrs in train_batches(epoch):
-                n += 1
-                yield x, attrs.float().reshape(len(attrs), -1)[:, cols]
-            if n == 0:
-                raise EvalError(f"featurizer training data from {source!r} yielded no batches")
-            epoch += 1
-
-    batches = stream()
+    batches = _endless(train_batches, cols, source)
     # Peek at some batches to learn the kind of label and the class count; they are trained
     # on first, so nothing is read twice.
     peek = [next(batches) for _ in range(min(steps, _LABEL_PEEK_BATCHES))]
+    meta = _meta_from_peek(peek, kind, label_key, names, cols, num_classes)
+    meta.width, meta.steps, meta.batch_size, meta.seed, meta.source = width, steps, batch_size, seed, source
+
+    start = time.perf_counter()
+    net = _fit(meta, itertools.chain(peek, batches), lr, device, log)
+    meta.train_seconds = round(time.perf_counter() - start, 2)
+    if val_batches is not None:
+        meta.val_accuracy, meta.val_images = _accuracy(net, val_batches(0), cols, meta.kind, device)
+        log(f"featurizer val accuracy {meta.val_accuracy:.4f} on {meta.val_images} images")
+    featurizer = ClassifierFeaturizer(net.eval(), meta, device)
+    if out is not None:
+        featurizer.save(out)
+    return featurizer
+
+
+def _endless(train_batches: Callable[[int], Iterator], cols: list[int], source: str) -> Iterator:
+    """(images, the selected label columns) over epochs 0, 1, 2, ... without end."""
+    epoch = 0
+    while True:
+        n = 0
+        for x, attrs in train_batches(epoch):
+            n += 1
+            yield x, attrs.float().reshape(len(attrs), -1)[:, cols]
+        if n == 0:
+            raise EvalError(f"featurizer training data from {source!r} yielded no batches")
+        epoch += 1
+
+
+def _meta_from_peek(peek: list, kind: str, label_key: str, names: list[str], cols: list[int],
+                    num_classes: int | None) -> FeaturizerMeta:
+    """The kind of classifier, its labels and the image shape, from the first batches."""
     x0, y_peek = peek[0][0], torch.cat([y for _, y in peek])
     kind = _infer_kind(y_peek, kind, label_key)
     if kind == "softmax":
-        n_out = num_classes or int(y_peek.max()) + 1
-        labels = [str(i) for i in range(n_out)]
+        labels = [str(i) for i in range(num_classes or int(y_peek.max()) + 1)]
     else:
-        n_out = len(cols)
         labels = [names[i] for i in cols]
     if x0.ndim != 4 or x0.shape[-1] != x0.shape[-2]:
         raise EvalError(f"featurizer training images must be square (B, C, S, S); got {tuple(x0.shape)}")
-    meta = FeaturizerMeta(kind=kind, label_key=label_key, labels=labels, image_size=x0.shape[-1],
-                          channels=x0.shape[1], width=width, steps=steps, batch_size=batch_size,
-                          seed=seed, source=source)
+    return FeaturizerMeta(kind=kind, label_key=label_key, labels=labels, image_size=x0.shape[-1],
+                          channels=x0.shape[1])
 
-    start = time.perf_counter()
+
+def _fit(meta: FeaturizerMeta, batches: Iterator, lr: float, device: torch.device,
+         log: Callable[[str], None]) -> FeatureNet:
+    """meta.steps Adam steps with a cosine decay on `batches`; -> the trained net."""
+    n_out, steps = len(meta.labels), meta.steps
     # A forked RNG: the seed fixes this net's initialisation without resetting the caller's RNG.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = FeatureNet(meta.image_size, meta.channels, n_out, width).to(device)
+        torch.manual_seed(meta.seed)
+        net = FeatureNet(meta.image_size, meta.channels, n_out, meta.width).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     # Cosine decay to 0: short runs end on small steps, which buys a point or two of accuracy.
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     net.train()
-    for step in range(steps):
-        x, y = peek[step] if step < len(peek) else next(batches)
+    for step, (x, y) in zip(range(steps), batches, strict=False):
         x, y = x.to(device, torch.float32), y.to(device)
-        if kind == "softmax" and int(y.max()) >= n_out:
-            raise EvalError(f"label {int(y.max())} of {label_key!r} is >= num_classes={n_out} (inferred "
-                            f"from the first batches); pass num_classes")
-        loss = _loss(net(x), y, kind)
+        if meta.kind == "softmax" and int(y.max()) >= n_out:
+            raise EvalError(f"label {int(y.max())} of {meta.label_key!r} is >= num_classes={n_out} "
+                            "(inferred from the first batches); pass num_classes")
+        loss = _loss(net(x), y, meta.kind)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         if (step + 1) % 100 == 0 or step + 1 == steps:
             log(f"featurizer step {step + 1}/{steps}  loss {loss.item():.4f}")
-    meta.train_seconds = round(time.perf_counter() - start, 2)
-    if val_batches is not None:
-        meta.val_accuracy, meta.val_images = _accuracy(net, val_batches(0), cols, kind, device)
-        log(f"featurizer val accuracy {meta.val_accuracy:.4f} on {meta.val_images} images")
-    featurizer = ClassifierFeaturizer(net.eval(), meta, device)
-    if out is not None:
-        featurizer.save(out)
-    return featurizer
+    return net
 
 
 # ---------------------------------------------------------------------------------------

@@ -56,9 +56,9 @@ def generator_nonsaturating(logit_fake: torch.Tensor) -> torch.Tensor:
         logit_fake.float(), torch.ones_like(logit_fake, dtype=torch.float32))
 
 
-def equilibrium(real_cost: float, fake_cost: float, target: float = 0.68,
-                margin: float = 0.35) -> tuple[bool, bool]:
-    """The authors' margin rule -> (skip_dis, skip_dec).
+def equilibrium(real_cost: float, fake_cost: float, target: float, margin: float) -> tuple[bool, bool]:
+    """The authors' margin rule -> (skip_dis, skip_dec); target and margin are
+    loss.equilibrium_target / _margin (the authors' 0.68 and 0.35).
 
     real_cost = mean -log Dis(x), fake_cost = mean -log(1 - Dis(x_p)). A Dis that is far
     ahead (a cost below target - margin) pauses; a Dec that is far ahead (a cost above
