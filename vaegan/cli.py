@@ -387,20 +387,29 @@ def _models_attributes(args: argparse.Namespace) -> None:
 
 def _add_models(sub) -> None:
     """`vaegan models ...`: use and manage registered models (vaegan.inference, vaegan.registry)."""
-    metric = COMPARE_METRIC
     models = sub.add_parser(
         "models", help="use registered models: list, promote, sample, reconstruct, interpolate, edit",
         description="URI: models:/NAME@ALIAS | models:/NAME/VERSION | models:/NAME/latest | "
                     "runs:/RUN_ID/model | a checkpoint folder. The registry is $MLFLOW_TRACKING_URI "
                     "(or --tracking-uri).")
     msub = models.add_subparsers(dest="models_command", required=True)
+    _add_models_registry(msub)
+    _add_models_images(msub)
+    _add_models_attributes(msub)
 
-    def common(p: argparse.ArgumentParser, uri: bool = True) -> None:
-        if uri:
-            p.add_argument("uri", metavar="URI", help="the model (see `vaegan models -h`)")
-            p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default auto)")
-        p.add_argument("--tracking-uri", default="", help="default: $MLFLOW_TRACKING_URI, else ./mlruns")
 
+def _models_common(p: argparse.ArgumentParser, uri: bool = True) -> None:
+    """What every `vaegan models` command takes: the registry, and (most) a model URI."""
+    if uri:
+        p.add_argument("uri", metavar="URI", help="the model (see `vaegan models -h`)")
+        p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default auto)")
+    p.add_argument("--tracking-uri", default="", help="default: $MLFLOW_TRACKING_URI, else ./mlruns")
+
+
+def _add_models_registry(msub) -> None:
+    """list, promote: the registry's governance."""
+    metric = COMPARE_METRIC
+    common = _models_common
     p = msub.add_parser("list", help="registered models and versions, with aliases and a metric")
     p.add_argument("name", nargs="?", help="one registered model (default: all)")
     p.add_argument("--metric", default=metric, help=f"run metric to show (default {metric})")
@@ -419,6 +428,10 @@ def _add_models(sub) -> None:
     common(p, uri=False)
     p.set_defaults(func=_models_promote)
 
+
+def _add_models_images(msub) -> None:
+    """sample, reconstruct, interpolate, edit: a PNG grid each."""
+    common = _models_common
     p = msub.add_parser("sample", help="a PNG grid of prior samples Dec(z), z ~ N(0, I)")
     common(p)
     p.add_argument("-n", type=int, default=64, help="images (default 64)")
@@ -448,6 +461,9 @@ def _add_models(sub) -> None:
     p.add_argument("-o", "--out", required=True, help="PNG file")
     p.set_defaults(func=_models_edit)
 
+
+def _add_models_attributes(msub) -> None:
+    common = _models_common
     p = msub.add_parser("attributes", help="compute attribute vectors, score edits, register a new version")
     common(p)
     p.add_argument("--shards", required=True, help="labelled shards (the manifest's attributes are used)")
