@@ -1,8 +1,14 @@
-"""Shared fixtures. Integration fixtures (servers, clusters) live in their own modules."""
+"""Shared fixtures: one definition of each. Integration fixtures (servers, clusters) live in
+servers.py, with the free-port and wait-for-server helpers; they are imported here so every
+test module sees them."""
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
-from servers import free_port, mlflow_server, ray_head, ray_local  # noqa: F401  (fixtures)
+from PIL import Image
+from servers import mlflow_server, ray_head, ray_local, s3_bucket, s3_server  # noqa: F401  (fixtures)
 
 from vaegan.config import load_config
 
@@ -15,7 +21,7 @@ def debug_cfg():
 
 @pytest.fixture(scope="session")
 def mnist_shards(tmp_path_factory):
-    """mnist5k as 32x32 shards, prepared once for every integration test."""
+    """mnist5k as 32x32 shards (4,500 train + 500 val digits), prepared once for the session."""
     from vaegan.data import prepare
 
     out = tmp_path_factory.mktemp("shards") / "mnist5k"
@@ -23,77 +29,39 @@ def mnist_shards(tmp_path_factory):
     return str(out)
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
-
-
-# ---------------------------------------------------------------------------------------
-# S3: a real moto server (a subprocess, so Ray workers, DataLoader workers and an MLflow
-# server all see the same buckets). No boto/s3fs patching: clients reach it over HTTP.
-
-
 @pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
-    """`python -m moto.server` on a free port; AWS_* variables point every client at it for
-    the session (credentials are dummies, which moto accepts). Yields the endpoint URL."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.error
-    import urllib.request
+def featurizer(mnist_shards, tmp_path_factory):
+    """A quickly trained digit featurizer (a folder) for training runs that evaluate: what
+    its FIDs are does not matter to those tests, only that evaluation runs."""
+    from vaegan.featurizer import train_featurizer
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": url, "AWS_ENDPOINT_URL": url}
-    saved = {k: os.environ.get(k) for k in env}
-    try:
-        deadline = time.time() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"moto server exited with {proc.returncode}; see {log_path}")
-            try:
-                urllib.request.urlopen(url, timeout=1).close()
-                break
-            except urllib.error.HTTPError:  # an HTTP error status is an answer too
-                break
-            except OSError:
-                if time.time() > deadline:
-                    pytest.fail(f"moto server on {url} did not answer in 60 s; see {log_path}")
-                time.sleep(0.2)
-        os.environ.update(env)
-        yield url
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    out = tmp_path_factory.mktemp("featurizer")
+    train_featurizer(mnist_shards, "digit", out, steps=30)
+    return str(out)
+
+
+def _make_folder(root: Path, n: int, size: int = 16, *, labels: bool = True, seed: int = 0) -> Path:
+    """n random RGB PNGs (size x size) in two subfolders, with labels.csv (idx, parity)."""
+    rng = np.random.default_rng(seed)
+    rows = ["file,idx,odd"]
+    for i in range(n):
+        rel = f"{'a' if i % 2 else 'b'}/img{i:03d}.png"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), "RGB").save(root / rel)
+        rows.append(f"{rel},{i},{i % 2}")
+    if labels:
+        (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root
 
 
 @pytest.fixture
-def s3_bucket(s3_server):
-    """A fresh, empty bucket on the moto server; yields 's3://NAME'."""
-    import uuid
+def make_folder():
+    """make_folder(root, n, size=16, *, labels=True, seed=0): an image folder source for
+    `prepare` (`folder:ROOT`): n random RGB PNGs named a/imgNNN.png (odd i) and b/imgNNN.png
+    (even i), and labels.csv with the attributes idx = i and odd = i % 2."""
+    return _make_folder
 
-    import boto3
 
-    name = f"test-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
-    return f"s3://{name}"
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

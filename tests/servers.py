@@ -1,6 +1,8 @@
 """Real servers for integration tests, started by the tests on 127.0.0.1 (free ports).
 
-Imported by conftest.py. Each fixture starts the real thing as a subprocess and stops it.
+The one home of the free-port and wait-for-server helpers. Imported by conftest.py, which
+makes the fixtures here available to every test. Each fixture starts the real thing as a
+subprocess (or, for Ray, in-process) and stops it.
 """
 
 from __future__ import annotations
@@ -24,20 +26,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 60.0, log: Path | None = None) -> None:
+    """Return once `url` answers below 500; raise if `proc` exits first or `timeout` passes."""
     import requests
 
+    see = f"; see {log}" if log else ""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
+            raise RuntimeError(f"{proc.args} exited with {proc.returncode}{see}")
         try:
             if requests.get(url, timeout=1).status_code < 500:
                 return
         except requests.RequestException:
             pass
         time.sleep(0.3)
-    raise TimeoutError(f"{url} did not answer in {timeout}s")
+    raise TimeoutError(f"{url} did not answer in {timeout}s{see}")
 
 
 def env_with_venv() -> dict[str, str]:
@@ -50,7 +54,8 @@ def mlflow_server(tmp_path_factory):
     """A real `mlflow server`: SQLite backend, artifacts proxied to a local folder."""
     root = tmp_path_factory.mktemp("mlflow")
     port = free_port()
-    log = open(root / "server.log", "wb")
+    log_path = root / "server.log"
+    log = open(log_path, "wb")
     proc = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
          "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
@@ -60,7 +65,7 @@ def mlflow_server(tmp_path_factory):
         env={**env_with_venv(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     uri = f"http://127.0.0.1:{port}"
     try:
-        wait_http(uri + "/health", proc, timeout=120)
+        wait_http(uri + "/health", proc, timeout=120, log=log_path)
         yield uri
     finally:
         proc.terminate()
@@ -91,7 +96,8 @@ def ray_head(tmp_path_factory):
     """
     env = {**env_with_venv(), "RAY_AUTH_MODE": "disabled"}
     port, dash = free_port(), free_port()
-    log = open(tmp_path_factory.mktemp("ray-head") / "head.log", "wb")
+    log_path = tmp_path_factory.mktemp("ray-head") / "head.log"
+    log = open(log_path, "wb")
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
          "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
@@ -99,7 +105,7 @@ def ray_head(tmp_path_factory):
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
     try:
-        wait_http(url + "/api/version", proc, timeout=120)
+        wait_http(url + "/api/version", proc, timeout=120, log=log_path)
         yield url, env
     finally:
         proc.send_signal(signal.SIGINT)  # --block: stops the processes it started
@@ -108,3 +114,51 @@ def ray_head(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+
+
+# S3: a real moto server (a subprocess, so Ray workers, DataLoader workers and an MLflow
+# server all see the same buckets). No boto/s3fs patching: clients reach it over HTTP.
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """`python -m moto.server` on a free port; AWS_* variables point every client at it for
+    the session (credentials are dummies, which moto accepts). Yields the endpoint URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
+    log = open(log_path, "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": url, "AWS_ENDPOINT_URL": url}
+    saved = {k: os.environ.get(k) for k in env}
+    try:
+        wait_http(url, proc, timeout=60, log=log_path)
+        os.environ.update(env)
+        yield url
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh, empty bucket on the moto server; yields 's3://NAME'."""
+    import uuid
+
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return f"s3://{name}"

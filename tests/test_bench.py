@@ -2,14 +2,16 @@
 weights and noise, its Dis update equals ours; and the FLOP count shows the saving."""
 
 import copy
+import json
 
 import pytest
 import torch
 
 from vaegan.bench import PlainStep, count_gflop_per_image
 from vaegan.cli import main
+from vaegan.config import load_config
 from vaegan.model import VAEGAN
-from vaegan.step import TrainStep
+from vaegan.step import TrainStep, resolve_precision
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -40,7 +42,19 @@ def test_efficient_step_counts_fewer_flops(debug_cfg):
     assert 0 < ours < plain
 
 
-def test_cli_bench_step_prints_json(capsys):
-    assert main(["bench", "step", "--preset", "debug", "--steps", "1", "--warmup", "0"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 4 and all('"images_per_s"' in line for line in lines)
+def test_cli_bench_step_prints_one_json_row_per_variant_and_layout(capsys):
+    assert main(["bench", "step", "--preset", "debug", "--steps", "3", "--warmup", "0"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [(r["step"], r["channels_last"]) for r in rows] == [
+        ("vaegan", False), ("vaegan", True), ("plain", False), ("plain", True)]
+    cfg = load_config("debug")
+    gflop = {name: round(count_gflop_per_image(cfg, name), 2) for name in ("vaegan", "plain")}
+    precision = resolve_precision(cfg.train.precision, torch.device("cpu"))
+    for r in rows:
+        assert (r["preset"], r["batch"], r["precision"]) == ("debug", cfg.data.batch_size, precision)
+        assert r["gflop_per_image"] == gflop[r["step"]] and r["threads"] == torch.get_num_threads()
+        # images per second = the batch over the median step time (rounded to 1 ms and 0.1)
+        sec = r["seconds_per_step"]
+        assert cfg.data.batch_size / (sec + 5e-4) - 0.05 <= r["images_per_s"], r
+        assert sec < 5e-4 or r["images_per_s"] <= cfg.data.batch_size / (sec - 5e-4) + 0.05, r
+    assert gflop["vaegan"] < gflop["plain"]

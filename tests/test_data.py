@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -25,20 +26,6 @@ from vaegan.data.faces import ATTRIBUTES, generate_synthetic_faces
 from vaegan.data.manifest import FORMAT, FORMAT_VERSION, MANIFEST, sample_key, shard_name
 from vaegan.data.reader import decode_image
 from vaegan.data.sources import CELEBA_CROP
-
-
-def make_folder(root: Path, n: int, size: int = 16, *, labels: bool = True, seed: int = 0) -> Path:
-    """n random RGB PNGs (size x size) in two subfolders, with labels.csv (idx, parity)."""
-    rng = np.random.default_rng(seed)
-    rows = ["file,idx,odd"]
-    for i in range(n):
-        rel = f"{'a' if i % 2 else 'b'}/img{i:03d}.png"
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), "RGB").save(root / rel)
-        rows.append(f"{rel},{i},{i % 2}")
-    if labels:
-        (root / "labels.csv").write_text("\n".join(rows) + "\n")
-    return root
 
 
 def write_uneven_shards(root: Path, sizes: list[int], image_size: int = 8) -> Path:
@@ -126,7 +113,7 @@ def test_same_seed_and_epoch_give_the_same_order_and_start_batch_resumes(tmp_pat
         assert torch.equal(x1, x2) and torch.equal(a1, a2)
 
 
-def test_flip_mirrors_some_images_and_nothing_else(tmp_path):
+def test_flip_mirrors_some_images_and_nothing_else(tmp_path, make_folder):
     src = make_folder(tmp_path / "src", 24)
     out = str(tmp_path / "shards")
     prepare(f"folder:{src}", out, image_size=16, shard_size=10, val_fraction=0, progress=False)
@@ -146,7 +133,7 @@ def test_flip_mirrors_some_images_and_nothing_else(tmp_path):
 # prepare: folder source, manifest, decode round trip, re-runs
 
 
-def test_prepare_folder_round_trip_manifest_and_labels(tmp_path):
+def test_prepare_folder_round_trip_manifest_and_labels(tmp_path, make_folder):
     src = make_folder(tmp_path / "src", 30)
     (src / "a" / "broken.png").write_bytes(b"\x89PNG not really")  # listed, unreadable
     with open(src / "labels.csv", "a") as f:
@@ -204,7 +191,7 @@ def test_prepare_folder_round_trip_manifest_and_labels(tmp_path):
     assert val_files(1) == val_files(1) != val_files(2)
 
 
-def test_rerun_into_the_same_folder_replaces_stale_shards(tmp_path):
+def test_rerun_into_the_same_folder_replaces_stale_shards(tmp_path, make_folder):
     src = make_folder(tmp_path / "src", 20, labels=False)
     out = tmp_path / "shards"
     prepare(f"folder:{src}", str(out), image_size=8, shard_size=3, progress=False)
@@ -371,6 +358,12 @@ def test_bad_inputs_fail_at_once_naming_the_value(tmp_path):
 # CLI
 
 
+def rate_bounds(images: int, seconds: float, error: float) -> tuple[float, float]:
+    """The range of round(images / t, 1) for a time t that `seconds` is within `error` of."""
+    hi = images / (seconds - error) + 0.05 if seconds > error else math.inf
+    return images / (seconds + error) - 0.05, hi
+
+
 def test_cli_data_prepare_and_bench_end_to_end(tmp_path):
     out = tmp_path / "faces"
     run = subprocess.run(
@@ -388,7 +381,15 @@ def test_cli_data_prepare_and_bench_end_to_end(tmp_path):
                            capture_output=True, text=True, timeout=120)
     assert bench.returncode == 0, bench.stderr
     report = json.loads(bench.stdout)
-    assert report["batches"] == 3 and report["images_per_s"] > 0 and report["image_shape"] == [3, 32, 32]
+    assert (report["batches"], report["batch_size"], report["workers"], report["split"]) == (3, 4, 1, "train")
+    assert report["image_shape"] == [3, 32, 32]
+    # The rates are the images read over the times reported (each rounded to 1 ms): all 3 x 4
+    # from the call on; 2 x 4 from the first batch on (the first batch is start-up).
+    assert 0 < report["startup_s"] <= report["seconds"]
+    lo, hi = rate_bounds(12, report["seconds"], 0.0005)
+    assert lo <= report["images_per_s_with_startup"] <= hi, report
+    lo, hi = rate_bounds(8, report["seconds"] - report["startup_s"], 0.001)
+    assert lo <= report["images_per_s"] <= hi, report
 
 
 def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):

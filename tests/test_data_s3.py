@@ -1,15 +1,17 @@
-"""The data layer on S3: a real moto server (conftest `s3_server`), reached over HTTP by
-s3fs in this process and in DataLoader worker processes. Nothing is patched."""
+"""The data layer on S3: a real moto server (servers.py `s3_server`), reached over HTTP by
+s3fs in this process and in DataLoader worker processes. Nothing on the way to S3 is patched
+(the bench test fakes only the clock it reads)."""
 
 from __future__ import annotations
 
-import socket
+import importlib
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 import webdataset as wds
-from test_data import make_folder
+from servers import free_port
 
 from vaegan.data import DataError, bench_loader, check_shards, make_loader, prepare, read_manifest
 from vaegan.data.storage import s3_filesystem
@@ -21,7 +23,7 @@ def _same_manifest(a: dict, b: dict) -> bool:
     return {k: v for k, v in a.items() if k != "created"} == {k: v for k, v in b.items() if k != "created"}
 
 
-def test_prepare_to_s3_and_to_a_folder_give_identical_samples(tmp_path, s3_bucket):
+def test_prepare_to_s3_and_to_a_folder_give_identical_samples(tmp_path, s3_bucket, make_folder):
     src = make_folder(tmp_path / "src", 26)
     kw = dict(image_size=16, shard_size=7, seed=2, val_fraction=0.2, progress=False)
     local = prepare(f"folder:{src}", str(tmp_path / "local"), **kw)
@@ -49,7 +51,7 @@ def test_prepare_to_s3_and_to_a_folder_give_identical_samples(tmp_path, s3_bucke
         assert torch.equal(x1, x2) and torch.equal(a1, a2)
 
 
-def test_rerun_into_the_same_s3_prefix_replaces_stale_shards(tmp_path, s3_bucket):
+def test_rerun_into_the_same_s3_prefix_replaces_stale_shards(tmp_path, s3_bucket, make_folder):
     src = make_folder(tmp_path / "src", 12, labels=False)
     url = f"{s3_bucket}/data"
     prepare(f"folder:{src}", url, image_size=8, shard_size=2, progress=False)
@@ -60,16 +62,40 @@ def test_rerun_into_the_same_s3_prefix_replaces_stale_shards(tmp_path, s3_bucket
     assert check_shards(url) == m
 
 
-def test_s3_bench_reports_images_per_second(tmp_path, s3_bucket):
+def test_s3_bench_counts_the_batches_it_reads_and_their_time(tmp_path, s3_bucket, make_folder, monkeypatch):
+    """The report is what was read from S3 and how long it took. Time is a fake clock that
+    every batch moves on by 1 s, the first by 4 s (worker start-up and the first fetch)."""
     src = make_folder(tmp_path / "src", 20, labels=False)
     url = f"{s3_bucket}/bench"
     prepare(f"folder:{src}", url, image_size=8, shard_size=5, val_fraction=0, progress=False)
-    report = bench_loader(url, workers=1, batches=4, batch_size=4)
-    assert report["batches"] == 4 and report["images_per_s"] > 0
+    bench = importlib.import_module("vaegan.data.bench")
+    clock = {"now": 0.0, "read": 0}
+
+    class TimedLoader:
+        def __init__(self, loader):
+            self.loader = loader
+
+        def __getattr__(self, name):
+            return getattr(self.loader, name)
+
+        def __iter__(self):
+            for x in self.loader:
+                clock["now"] += 4.0 if clock["read"] == 0 else 1.0
+                clock["read"] += 1
+                yield x
+
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: clock["now"]))
+    monkeypatch.setattr(bench, "make_loader", lambda *a, **kw: TimedLoader(make_loader(*a, **kw)))
+    # 7 batches of 4 from 20 images (5 batches an epoch): the bench reads on into a 2nd epoch.
+    report = bench_loader(url, workers=1, batches=7, batch_size=4)
+    assert clock["read"] == 7
+    assert report == {"shards": url, "split": "train", "workers": 1, "batch_size": 4, "batches": 7,
+                      "image_shape": [3, 8, 8], "seconds": 10.0, "startup_s": 4.0,
+                      "images_per_s": 6 * 4 / 6.0, "images_per_s_with_startup": 7 * 4 / 10.0}
 
 
-def test_missing_bucket_unreachable_endpoint_and_missing_credentials_are_clear(tmp_path, s3_bucket,
-                                                                               monkeypatch, capsys):
+def test_missing_bucket_unreachable_endpoint_and_missing_credentials_are_clear(
+        tmp_path, s3_bucket, make_folder, monkeypatch, capsys):
     src = make_folder(tmp_path / "src", 4, labels=False)
     with pytest.raises(DataError, match=r"s3://no-such-bucket/p .*bucket 'no-such-bucket' does not exist"):
         check_shards("s3://no-such-bucket/p")
@@ -78,9 +104,7 @@ def test_missing_bucket_unreachable_endpoint_and_missing_credentials_are_clear(t
     with pytest.raises(DataError, match=rf"no manifest.json in {s3_bucket}/empty"):
         check_shards(f"{s3_bucket}/empty")
 
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    closed = f"http://127.0.0.1:{free_port()}"  # a port nobody listens on
     t0 = time.time()
     with pytest.raises(DataError, match=rf"cannot read shards from {s3_bucket}/x: the S3 endpoint {closed} "
                                         r"cannot be reached"):

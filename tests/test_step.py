@@ -191,14 +191,43 @@ def test_same_seed_same_parameters_after_three_steps(debug_cfg):
         assert torch.equal(a, b)
 
 
+def plain_terms(model, cfg, x, eps, z_p):
+    """The loss terms of one step, from one plain forward of each network (train mode)."""
+    L, b = cfg.loss, x.shape[0]
+    enc, dec, dis = model.encoder, model.decoder, model.discriminator
+    zero = torch.zeros(())
+    if L.mode == "gan":
+        logits, _ = dis(torch.cat([x, dec(z_p)]))
+        lr, lp = logits.split(b)
+        return {"kl_prior": zero, "llike_dis_l": zero, "llike_pixel": zero, "gan_bce": gan_bce(lr, None, lp)}
+    mu, log_var = enc(x)
+    z = reparameterize(mu, log_var, eps)
+    if L.mode == "vae":
+        return {"kl_prior": kl_prior(mu, log_var), "llike_dis_l": zero,
+                "llike_pixel": llike_pixel(x, dec(z)), "gan_bce": zero}
+    logits, feats = dis(torch.cat([x, dec(torch.cat([z, z_p]))]))
+    lr, lt, lp = logits.split(b)
+    fr, ft, _ = feats.split(b)
+    return {"kl_prior": kl_prior(mu, log_var), "llike_dis_l": llike_dis_l(fr, ft), "llike_pixel": zero,
+            "gan_bce": gan_bce(lr, lt if L.recipe == "paper" else None, lp)}
+
+
 @pytest.mark.parametrize(("mode", "recipe"), [("vaegan", "paper"), ("vaegan", "reference"),
                                               ("vae", "paper"), ("gan", "paper")])
 def test_five_full_steps_without_inplace_errors(debug_cfg, mode, recipe):
     model, step = make(debug_cfg, mode=mode, recipe=recipe)
     before = copy.deepcopy(model.state_dict())
-    for _ in range(5):
-        m = step(batch(debug_cfg))
-    assert step.step_count == 5 and all(v == v for v in m)  # no NaN in the breakdown
+    for _ in range(4):
+        step(batch(debug_cfg))
+    # The 5th step's breakdown is its batch's losses at the weights before its update.
+    x, (eps, z_p) = batch(debug_cfg), noise(debug_cfg)
+    with torch.no_grad():
+        expected = plain_terms(copy.deepcopy(model), debug_cfg, x, eps, z_p)
+    m = step(x, (eps, z_p))
+    assert step.step_count == 5
+    for name, value in expected.items():
+        assert getattr(m, name) == pytest.approx(float(value), rel=1e-4, abs=1e-6), name
+    assert m.loss == pytest.approx(sum(float(v) for v in expected.values()), rel=1e-4)
     assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 

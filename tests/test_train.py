@@ -7,6 +7,7 @@ import mlflow
 import numpy as np
 import pytest
 
+from vaegan.cluster import ClusterError
 from vaegan.config import load_config
 from vaegan.tracking import TrackingError
 from vaegan.train import FAULT_ENV, TrainError, fit
@@ -14,16 +15,7 @@ from vaegan.train import FAULT_ENV, TrainError, fit
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="session")
-def featurizer(mnist_shards, tmp_path_factory):
-    from vaegan.featurizer import train_featurizer
-
-    out = tmp_path_factory.mktemp("featurizer")
-    train_featurizer(mnist_shards, "digit", out, steps=30)
-    return str(out)
-
-
-def debug_cfg(tmp_path, mnist_shards, uri, *extra):
+def train_cfg(tmp_path, mnist_shards, uri, *extra):
     return load_config("debug", overrides=[
         f"data.shards={mnist_shards}", f"train.storage_path={tmp_path / 'runs'}",
         f"tracking.tracking_uri={uri}", "train.num_workers=2", "train.steps=6",
@@ -33,7 +25,7 @@ def debug_cfg(tmp_path, mnist_shards, uri, *extra):
 
 def test_two_workers_track_everything_in_mlflow(tmp_path, mnist_shards, mlflow_server, ray_local,
                                                 featurizer):
-    cfg = debug_cfg(tmp_path, mnist_shards, mlflow_server, "train.name=tracked", "train.eval_every=6",
+    cfg = train_cfg(tmp_path, mnist_shards, mlflow_server, "train.name=tracked", "train.eval_every=6",
                     "train.eval_images=64", f"train.eval_featurizer={featurizer}")
     res = fit(cfg)
     assert res.step == 6
@@ -62,13 +54,13 @@ def test_two_workers_track_everything_in_mlflow(tmp_path, mnist_shards, mlflow_s
 
 def test_stopped_run_resumes_at_its_checkpoint_in_the_same_mlflow_run(
         tmp_path, mnist_shards, mlflow_server, ray_local, monkeypatch):
-    cfg = debug_cfg(tmp_path, mnist_shards, mlflow_server, "train.name=resumed",
+    cfg = train_cfg(tmp_path, mnist_shards, mlflow_server, "train.name=resumed",
                     "train.max_failures=0", "train.checkpoint_every=2")
     monkeypatch.setenv(FAULT_ENV, f"5:{tmp_path / 'fault-marker'}")  # dies after step 4's checkpoint
     with pytest.raises(TrainError, match="failed"):
         fit(cfg)
     monkeypatch.delenv(FAULT_ENV)
-    cfg = debug_cfg(tmp_path, mnist_shards, mlflow_server, "train.name=resumed",
+    cfg = train_cfg(tmp_path, mnist_shards, mlflow_server, "train.name=resumed",
                     "train.checkpoint_every=2")
     res = fit(cfg)
     client = mlflow.MlflowClient(mlflow_server)
@@ -83,7 +75,7 @@ def test_stopped_run_resumes_at_its_checkpoint_in_the_same_mlflow_run(
 def test_worker_failure_restarts_from_the_latest_checkpoint(tmp_path, mnist_shards, mlflow_server,
                                                             ray_local, monkeypatch):
     monkeypatch.setenv(FAULT_ENV, f"5:{tmp_path / 'fault-marker'}")
-    cfg = debug_cfg(tmp_path, mnist_shards, mlflow_server, "train.name=restarted",
+    cfg = train_cfg(tmp_path, mnist_shards, mlflow_server, "train.name=restarted",
                     "train.max_failures=1", "train.checkpoint_every=2")
     res = fit(cfg)
     assert res.step == 6 and (tmp_path / "fault-marker").exists()
@@ -92,7 +84,7 @@ def test_worker_failure_restarts_from_the_latest_checkpoint(tmp_path, mnist_shar
 def test_checkpoints_to_s3(tmp_path, mnist_shards, mlflow_server, ray_local, s3_bucket):
     import s3fs
 
-    cfg = debug_cfg(tmp_path, mnist_shards, mlflow_server, "train.name=on-s3",
+    cfg = train_cfg(tmp_path, mnist_shards, mlflow_server, "train.name=on-s3",
                     f"train.storage_path={s3_bucket}/runs", "tracking.log_checkpoints=false")
     res = fit(cfg)
     fs = s3fs.S3FileSystem()
@@ -103,8 +95,9 @@ def test_checkpoints_to_s3(tmp_path, mnist_shards, mlflow_server, ray_local, s3_
 
 
 def test_too_many_workers_is_a_clear_error(tmp_path, mnist_shards, mlflow_server, ray_local):
-    cfg = debug_cfg(tmp_path, mnist_shards, mlflow_server, "train.num_workers=64")
-    with pytest.raises(TrainError, match=r"train.num_workers=64 .* needs 32 CPUs but the Ray cluster has 8"):
+    cfg = train_cfg(tmp_path, mnist_shards, mlflow_server, "train.num_workers=64")
+    with pytest.raises(ClusterError,
+                       match=r"train.num_workers=64 .* needs 32 CPUs but the Ray cluster has 8"):
         fit(cfg)
 
 
@@ -112,7 +105,7 @@ def test_unreachable_mlflow_fails_before_workers_start(tmp_path, mnist_shards):
     from servers import free_port
 
     uri = f"http://127.0.0.1:{free_port()}"
-    cfg = debug_cfg(tmp_path, mnist_shards, uri)
+    cfg = train_cfg(tmp_path, mnist_shards, uri)
     with pytest.raises(TrackingError, match=f"MLflow tracking server {uri} is unreachable"):
         fit(cfg)
 
@@ -120,6 +113,6 @@ def test_unreachable_mlflow_fails_before_workers_start(tmp_path, mnist_shards):
 def test_unwritable_storage_is_a_clear_error(tmp_path, mnist_shards, mlflow_server):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    cfg = debug_cfg(tmp_path, mnist_shards, mlflow_server, f"train.storage_path={blocker}/runs")
-    with pytest.raises(TrainError, match="checkpoint storage .* is not writable"):
+    cfg = train_cfg(tmp_path, mnist_shards, mlflow_server, f"train.storage_path={blocker}/runs")
+    with pytest.raises(ClusterError, match="checkpoint storage .* is not writable"):
         fit(cfg)

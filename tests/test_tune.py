@@ -11,9 +11,19 @@ import numpy as np
 import pytest
 
 from vaegan.cli import main
+from vaegan.cluster import ClusterError
 from vaegan.config import load_config
 from vaegan.train import FAULT_ENV
-from vaegan.tune import SweepOptions, TuneError, check_options, forwards, reportable_metrics, sweep
+from vaegan.tune import (
+    SweepOptions,
+    TuneError,
+    check_options,
+    forwards,
+    reportable_metrics,
+    search_spec,
+    sweep,
+    total_trials,
+)
 
 # ---------------------------------------------------------------------------------------
 # Bad input: clear messages before anything starts (no Ray, no MLflow)
@@ -34,7 +44,7 @@ def test_lr_range_needs_both_bounds_and_a_proper_range():
     cfg = load_config("debug", overrides=["train.eval_every=5"])
     with pytest.raises(TuneError, match="both --lr-min and --lr-max"):
         check_options(cfg, SweepOptions(lr_min=1e-4))
-    with pytest.raises(TuneError, match="--lr-min 0.001 is above --lr-max 0.0001"):
+    with pytest.raises(TuneError, match="--lr-min 0.001 .. --lr-max 0.0001: the range is inverted"):
         check_options(cfg, SweepOptions(lr_min=1e-3, lr_max=1e-4))
 
 
@@ -63,8 +73,8 @@ def test_other_bad_options_are_clear_errors():
     cfg = load_config("debug", overrides=["train.eval_every=5"])
     with pytest.raises(TuneError, match="--grace-period 20: it must be in 1 .. train.steps - 1 = 19"):
         check_options(cfg, SweepOptions(grace_period=20))
-    with pytest.raises(TuneError, match="--trials 0"):
-        check_options(cfg, SweepOptions(trials=0))
+    with pytest.raises(TuneError, match="--trials -1"):
+        check_options(cfg, SweepOptions(trials=-1))
     with pytest.raises(TuneError, match="--max-concurrent 0"):
         check_options(cfg, SweepOptions(max_concurrent=0))
     with pytest.raises(TuneError, match="--reduction-factor 1"):
@@ -75,6 +85,47 @@ def test_other_bad_options_are_clear_errors():
     reference = load_config("celeba64-reference", overrides=["train.eval_every=5"])
     with pytest.raises(TuneError, match="loss.gamma acts only with .*recipe=paper"):
         check_options(reference, SweepOptions())
+
+
+def test_a_space_over_any_key_is_checked_before_any_trial():
+    cfg = load_config("debug", overrides=["train.eval_every=5"])
+    opts = check_options(cfg, SweepOptions(grid={"loss.mode": ["vae", "vaegan", "gan"]},
+                                           loguniform={"optim.lr": (1e-4, 1e-3)}, seeds=2, trials=2))
+    assert search_spec(cfg, opts) == {"loss.mode": ("grid", ["vae", "vaegan", "gan"]),
+                                      "optim.lr": ("loguniform", (1e-4, 1e-3)),
+                                      "train.seed": ("grid", [0, 1])}
+    assert total_trials(cfg, opts) == 2 * 3 * 2
+    assert check_options(cfg, SweepOptions(grid={"loss.mode": ["vae", "gan"]})).trials == 1  # a grid: once
+    assert search_spec(cfg, check_options(cfg, SweepOptions())) == {"loss.gamma": ("loguniform", (1e-7, 1.0))}
+    # values come out as the config types them (a YAML 1.1 float string from the CLI, an int)
+    assert search_spec(cfg, SweepOptions(grid={"optim.lr": ["1e-3", 2]}))["optim.lr"] == ("grid", [1e-3, 2.0])
+
+
+@pytest.mark.parametrize("space, match", [
+    ({"grid": {"loss.modee": ["vae"]}}, r"--grid loss.modee=vae: unknown config key 'loss.modee'"),
+    ({"grid": {"loss.mode": ["vae", "bogus"]}}, r"--grid loss.mode=bogus: loss.mode='bogus' is not allowed"),
+    ({"grid": {"loss.mode": []}}, r"--grid loss.mode=: the grid is empty"),
+    ({"grid": {"loss.mode": ["vae", "vae"]}}, r"a value is given twice"),
+    ({"loguniform": {"loss.gamma": (1.0, 1.0)}}, r"--loguniform loss.gamma=1:1: the range is empty"),
+    ({"loguniform": {"loss.gamma": (0.0, 1.0)}}, r"--loguniform loss.gamma=0:1: .*finite bounds > 0"),
+    ({"uniform": {"optim.lr": (1e-3, 1e-4)}}, r"--uniform optim.lr=0.001:0.0001: the range is inverted"),
+    ({"uniform": {"optim.lr": (-1.0, 1.0)}}, r"--uniform optim.lr=-1:1: optim.lr=-1"),
+    ({"grid": {"train.name": ["a", "b"]}}, r"--grid train.name: a sweep sets train.name itself"),
+    ({"grid": {"loss.gamma": [0.1]}, "loguniform": {"loss.gamma": (1e-3, 1.0)}},
+     r"loss.gamma is already searched"),
+])
+def test_bad_spaces_are_refused_naming_the_key(space, match):
+    cfg = load_config("debug", overrides=["train.eval_every=5"])
+    with pytest.raises(TuneError, match=match):
+        check_options(cfg, SweepOptions(**space))
+
+
+def test_cli_parses_spaces(capsys):
+    code = main(["tune", "--preset", "debug", "train.eval_every=5", "--grid", "loss.mode=vae,bogus"])
+    assert code == 2 and "--grid loss.mode=bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["tune", "--loguniform", "loss.gamma=1e-4"])  # not LOW:HIGH: argparse's usage error
+    assert "is not KEY=LOW:HIGH" in capsys.readouterr().err
 
 
 def test_tune_sees_reports_with_the_metric_but_not_the_last_step():
@@ -88,17 +139,13 @@ def test_cli_prints_one_line_and_exits_2(capsys):
     code = main(["tune", "--preset", "debug", "train.eval_every=5", "--gamma-min", "1",
                  "--gamma-max", "0.01"])
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("vaegan: error: --gamma-min 1 is above --gamma-max 0.01")
+    assert code == 2
+    assert err.startswith("vaegan: error: --gamma-min 1 .. --gamma-max 0.01: the range is inverted")
     assert len(err.strip().splitlines()) == 1
 
 
 # ---------------------------------------------------------------------------------------
 # Real sweeps
-
-
-@pytest.fixture(scope="module")
-def shards(mnist_shards):
-    return mnist_shards
 
 
 def sweep_cfg(tmp_path, shards, uri, *extra):
@@ -109,8 +156,9 @@ def sweep_cfg(tmp_path, shards, uri, *extra):
 
 
 @pytest.mark.slow
-def test_three_trial_sweep_asha_parent_child_runs_and_challenger(tmp_path, shards, mlflow_server, ray_local):
-    cfg = sweep_cfg(tmp_path, shards, mlflow_server, "tracking.experiment=tune",
+def test_three_trial_sweep_asha_parent_child_runs_and_challenger(tmp_path, mnist_shards, mlflow_server,
+                                                                  ray_local):
+    cfg = sweep_cfg(tmp_path, mnist_shards, mlflow_server, "tracking.experiment=tune",
                     "tracking.model_name=tune-model")
     # One trial at a time, so ASHA's cut-off at step 2 is known when each later trial gets there.
     # `loss` falls steeply with gamma in [1e-6, 1e-2] over the first steps (the decoder follows
@@ -126,11 +174,12 @@ def test_three_trial_sweep_asha_parent_child_runs_and_challenger(tmp_path, shard
                                   filter_string=f"tags.`mlflow.parentRunId` = '{res.parent_run_id}'")
     assert len(children) == 3 and {c.info.run_id for c in children} == {r.run_id for r in res.rows}
     gammas = sorted(float(c.data.params["loss.gamma"]) for c in children)
-    assert gammas == sorted(r.gamma for r in res.rows) and all(1e-6 <= g <= 1e-2 for g in gammas)
+    assert gammas == sorted(r.params["loss.gamma"] for r in res.rows)
+    assert all(1e-6 <= g <= 1e-2 for g in gammas)
 
     # ASHA: Tune got steps 2, 4, 6 and the last from the completed trial, step 2 from the others
     # (their workers may train a few steps more before the trial's process is gone)
-    by_gamma = sorted(res.rows, key=lambda r: -r.gamma)
+    by_gamma = sorted(res.rows, key=lambda r: -r.params["loss.gamma"])
     assert [r.status for r in by_gamma] == ["completed", "stopped early", "stopped early"], res.rows
     assert by_gamma[0].step == 8 and by_gamma[0].reports == 4
     for r in by_gamma[1:]:
@@ -161,21 +210,12 @@ def test_three_trial_sweep_asha_parent_child_runs_and_challenger(tmp_path, shard
         sweep(cfg, dataclasses.replace(opts, gamma_max=0.1))
 
 
-@pytest.fixture(scope="module")
-def featurizer(shards, tmp_path_factory):
-    from vaegan.featurizer import train_featurizer
-
-    out = tmp_path_factory.mktemp("featurizer")
-    train_featurizer(shards, "digit", out, steps=10)
-    return str(out)
-
-
 @pytest.mark.slow
-def test_interrupted_sweep_resumes_its_trial_from_the_checkpoint(tmp_path, shards, featurizer,
+def test_interrupted_sweep_resumes_its_trial_from_the_checkpoint(tmp_path, mnist_shards, featurizer,
                                                                   mlflow_server, ray_local, monkeypatch):
     """On an eval metric (reported every 4th step only); the trial dies after step 5 (its
     checkpoint is step 4); the same sweep again resumes it there, in the same child run."""
-    cfg = sweep_cfg(tmp_path, shards, mlflow_server, "tracking.experiment=tune-resume",
+    cfg = sweep_cfg(tmp_path, mnist_shards, mlflow_server, "tracking.experiment=tune-resume",
                     "tracking.model_name=tune-resume", "train.eval_every=4", "train.eval_images=32",
                     f"train.eval_featurizer={featurizer}", "train.max_failures=0")
     opts = SweepOptions(name="resumed", trials=1, workers_per_trial=1, grace_period=4)
@@ -198,11 +238,32 @@ def test_interrupted_sweep_resumes_its_trial_from_the_checkpoint(tmp_path, shard
 
 
 @pytest.mark.slow
-def test_too_many_concurrent_trials_fail_before_any_run(tmp_path, shards, mlflow_server, ray_local):
-    cfg = sweep_cfg(tmp_path, shards, mlflow_server, "tracking.experiment=tune-bad")
+def test_too_many_concurrent_trials_fail_before_any_run(tmp_path, mnist_shards, mlflow_server, ray_local):
+    cfg = sweep_cfg(tmp_path, mnist_shards, mlflow_server, "tracking.experiment=tune-bad")
     opts = SweepOptions(name="too-wide", trials=8, max_concurrent=8, workers_per_trial=2, metric="loss")
-    with pytest.raises(TuneError, match=r"--max-concurrent 8 trials x \(0.25 CPU for the trial \+ 2 workers"
-                                        r" x train.cpus_per_worker=0.5\) needs 10 CPUs but the Ray "
-                                        r"cluster has 8"):
+    with pytest.raises(ClusterError, match=r"--max-concurrent 8 trials x \(0.25 CPU for the trial \+ 2 "
+                                           r"workers x train.cpus_per_worker=0.5\) needs 10 CPUs but the "
+                                           r"Ray cluster has 8"):
         sweep(cfg, opts)
     assert mlflow.MlflowClient(mlflow_server).get_experiment_by_name("tune-bad") is None
+
+
+@pytest.mark.slow
+def test_grid_sweep_over_loss_mode_gives_one_child_run_per_value(tmp_path, mnist_shards, mlflow_server,
+                                                                 ray_local):
+    cfg = sweep_cfg(tmp_path, mnist_shards, mlflow_server, "tracking.experiment=tune-modes",
+                    "tracking.model_name=tune-modes", "train.steps=4", "train.checkpoint_every=4",
+                    "train.image_every=4")
+    opts = SweepOptions(name="modes", grid={"loss.mode": ["vae", "vaegan", "gan"]}, workers_per_trial=1,
+                        metric="kl_prior", scheduler="fifo", max_concurrent=1)
+    res = sweep(cfg, opts)
+    client = mlflow.MlflowClient(mlflow_server)
+    children = client.search_runs([client.get_run(res.parent_run_id).info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{res.parent_run_id}'")
+    assert sorted(c.data.params["loss.mode"] for c in children) == ["gan", "vae", "vaegan"]
+    assert sorted(r.params["loss.mode"] for r in res.rows) == ["gan", "vae", "vaegan"]
+    assert all(r.status == "completed" and r.step == 4 for r in res.rows), res.rows  # fifo: no early stop
+    artifacts = {a.path for a in client.list_artifacts(res.parent_run_id, "sweep")}
+    assert "sweep/kl_prior_vs_mode.png" in artifacts
+    table = client.download_artifacts(res.parent_run_id, "sweep/trials.md", str(tmp_path))
+    assert "| loss.mode |" in open(table).read()

@@ -2,7 +2,9 @@
 
     vaegan config show PRESET [key=value ...] [--config YAML] [--params]
     vaegan train [--preset P] [--config YAML] [key=value ...]
-    vaegan tune [--preset P] [key=value ...] [--gamma-min A --gamma-max B] [--lr-min --lr-max]
+    vaegan tune [--preset P] [key=value ...] [--grid KEY=V1,V2] [--loguniform KEY=LO:HI]
+                [--uniform KEY=LO:HI] [--seeds N] [--scheduler asha|fifo]
+                [--gamma-min A --gamma-max B] [--lr-min --lr-max]
                 [--trials N] [--workers-per-trial K] [--metric M] [--mode min|max]
                 [--grace-period S] [--max-concurrent C] [--name SWEEP]
     vaegan demo
@@ -86,26 +88,65 @@ def _tune(args: argparse.Namespace) -> None:
     from vaegan.tune import SweepOptions, main_tune
 
     opts = SweepOptions(
-        name=args.name, trials=args.trials, gamma_min=args.gamma_min, gamma_max=args.gamma_max,
-        lr_min=args.lr_min, lr_max=args.lr_max, workers_per_trial=args.workers_per_trial,
-        metric=args.metric, mode=args.mode, grace_period=args.grace_period,
-        reduction_factor=args.reduction_factor, max_concurrent=args.max_concurrent, seed=args.seed)
+        name=args.name, trials=args.trials, grid=dict(args.grid), loguniform=dict(args.loguniform),
+        uniform=dict(args.uniform), seeds=args.seeds, gamma_min=args.gamma_min, gamma_max=args.gamma_max,
+        lr_min=args.lr_min, lr_max=args.lr_max, scheduler=args.scheduler,
+        workers_per_trial=args.workers_per_trial, metric=args.metric, mode=args.mode,
+        grace_period=args.grace_period, reduction_factor=args.reduction_factor,
+        max_concurrent=args.max_concurrent, seed=args.seed)
     main_tune(load_config(args.preset, args.config, args.overrides), opts)
+
+
+def _space_arg(kind: str):
+    """argparse type for --grid KEY=V1,V2 (-> (key, [values])) and --loguniform / --uniform
+    KEY=LOW:HIGH (-> (key, (low, high))); values are YAML, as in key=value overrides."""
+    import yaml
+
+    def parse(text: str):
+        key, eq, raw = text.partition("=")
+        if not eq or not key.strip() or not raw.strip() or (kind != "grid" and ":" not in raw):
+            example = "loss.mode=vae,vaegan" if kind == "grid" else "loss.gamma=1e-4:1"
+            form = "V1,V2,..." if kind == "grid" else "LOW:HIGH"
+            raise argparse.ArgumentTypeError(f"{text!r} is not KEY={form} (e.g. {example})")
+        if kind == "grid":
+            return key.strip(), [yaml.safe_load(v) for v in raw.split(",") if v.strip()]
+        lo, colon, hi = raw.partition(":")
+        try:
+            return key.strip(), (float(yaml.safe_load(lo)), float(yaml.safe_load(hi)))
+        except (TypeError, ValueError, yaml.YAMLError):
+            raise argparse.ArgumentTypeError(f"{text!r}: LOW:HIGH must be two numbers (e.g. 1e-4:1)"
+                                             ) from None
+
+    return parse
 
 
 def _add_tune(sub) -> None:
     from vaegan.tune import SweepOptions
 
     d = SweepOptions()
-    p = sub.add_parser("tune", help="Ray Tune sweep over loss.gamma (ASHA), MLflow parent/child runs",
-                       description="Each trial trains the config with a log-uniform gamma (and lr) on "
-                       "Ray; the best completed trial is registered as tracking.model_name@challenger. "
-                       "The same command with the same --name resumes an interrupted sweep.")
+    p = sub.add_parser("tune", help="Ray Tune sweep over any config keys (ASHA), MLflow parent/child runs",
+                       description="Each trial trains the config with values from the search space on Ray "
+                       "(default: loss.gamma log-uniform); the best completed trial is registered as "
+                       "tracking.model_name@challenger. The same command with the same --name resumes an "
+                       "interrupted sweep.")
     p.add_argument("--preset", default="debug", help=f"one of: {', '.join(PRESETS)} (default debug)")
     _add_overrides(p)
     p.add_argument("--name", default="", help="the sweep's name (default TRAIN_NAME-sweep)")
-    p.add_argument("--trials", type=int, default=d.trials, help=f"default {d.trials}")
-    p.add_argument("--gamma-min", type=float, default=d.gamma_min, help=f"default {d.gamma_min:g}")
+    p.add_argument("--grid", action="append", default=[], type=_space_arg("grid"), metavar="KEY=V1,V2",
+                   help="try every value of a config key, e.g. loss.mode=vae,vaegan,gan (repeatable)")
+    p.add_argument("--loguniform", action="append", default=[], type=_space_arg("range"),
+                   metavar="KEY=LOW:HIGH", help="draw a key log-uniformly, e.g. loss.gamma=1e-4:1 "
+                   "(repeatable)")
+    p.add_argument("--uniform", action="append", default=[], type=_space_arg("range"),
+                   metavar="KEY=LOW:HIGH", help="draw a key uniformly (repeatable)")
+    p.add_argument("--seeds", type=int, default=d.seeds,
+                   help="repeat every configuration with train.seed + 0..N-1 (default 1)")
+    p.add_argument("--trials", type=int, default=d.trials,
+                   help="samples of the random keys, each with every grid point (default 8, or 1 for a grid)")
+    p.add_argument("--scheduler", default=d.scheduler, choices=["asha", "fifo"],
+                   help="asha stops poor trials early; fifo runs all to the end (default asha)")
+    p.add_argument("--gamma-min", type=float, default=d.gamma_min,
+                   help=f"the default search (no --grid/--loguniform/--uniform): default {d.gamma_min:g}")
     p.add_argument("--gamma-max", type=float, default=d.gamma_max, help=f"default {d.gamma_max:g}")
     p.add_argument("--lr-min", type=float, help="with --lr-max: search optim.lr too (log-uniform)")
     p.add_argument("--lr-max", type=float)

@@ -1,4 +1,4 @@
-"""Ray Tune sweep over gamma (and optionally the learning rate), in three layers:
+"""Ray Tune sweeps over any config key (gamma by default), in three layers:
 
     sweep(cfg, opts)            the sweep: checks, one MLflow parent run, a Tuner with ASHA;
                                 then a summary table and a plot on the parent run, and the
@@ -8,9 +8,14 @@
                                 reach Tune through `TuneReportCallback` (ASHA needs them)
     train_loop_per_worker       one DDP rank: vaegan.train's loop, unchanged
 
-gamma is searched log-uniformly: the default range [1e-7, 1] covers the paper's gamma
-(1e-2 .. 1) and the reference recipe's w / (1 - w) ~ 1e-6. ASHA's time axis is the training
-step, so `--grace-period` counts steps.
+The search space is a set of dotted config keys, each a grid (`--grid loss.mode=vae,vaegan`),
+a log-uniform range (`--loguniform loss.gamma=1e-4:1`) or a uniform one (`--uniform
+optim.beta1=0.3:0.9`), and repeats over seeds (`--seeds 2`: every configuration with
+train.seed and train.seed + 1). Without one, loss.gamma is searched log-uniformly: the default
+range [1e-7, 1] covers the paper's gamma (1e-2 .. 1) and the reference recipe's
+w / (1 - w) ~ 1e-6. Every value is checked against the config before any trial starts.
+ASHA's time axis is the training step, so `--grace-period` counts steps; `--scheduler fifo`
+runs every trial to the end (a comparison of models, where stopping one early would bias it).
 
 A sweep is named (`--name`); starting it again with the same name resumes it
 (`Tuner.restore`): finished trials stay finished, interrupted or failed ones continue from
@@ -56,14 +61,26 @@ class SweepOptions:
 
     name: str = ""
     """The sweep's name; empty: TRAIN_NAME-sweep. Starting a sweep again with its name resumes it."""
-    trials: int = 8
-    """Trials (gamma samples)."""
+    trials: int = 0
+    """Samples of the random dimensions, each with every grid point and seed; 0: 8 when the
+    space has a random dimension, else 1 (a grid is run once)."""
+    grid: dict[str, list] = field(default_factory=dict)
+    """{dotted key: values}: every value is tried (Tune's grid_search)."""
+    loguniform: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """{dotted key: (low, high)}: drawn log-uniformly."""
+    uniform: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """{dotted key: (low, high)}: drawn uniformly."""
+    seeds: int = 1
+    """Repeats of every configuration, with train.seed + 0 .. seeds - 1."""
     gamma_min: float = 1e-7
     gamma_max: float = 1.0
-    """loss.gamma is drawn log-uniformly from [gamma_min, gamma_max]."""
+    """The default search, when no grid or range is given: loss.gamma log-uniform in
+    [gamma_min, gamma_max]."""
     lr_min: float | None = None
     lr_max: float | None = None
     """If both are set, optim.lr is drawn log-uniformly from [lr_min, lr_max] too."""
+    scheduler: str = "asha"
+    """asha (stop poor trials early) | fifo (run every trial to train.steps)."""
     workers_per_trial: int = 0
     """Ray Train workers per trial; 0: train.num_workers."""
     metric: str = COMPARE_METRIC
@@ -88,8 +105,8 @@ class SweepOptions:
 class TrialRow:
     trial_id: str
     run_id: str
-    gamma: float
-    lr: float
+    params: dict[str, Any]
+    """The searched keys' values for this trial."""
     status: str
     """completed | stopped early | failed | unfinished"""
     step: int
@@ -134,16 +151,77 @@ def reportable_metrics(cfg: Config) -> list[str]:
     return names
 
 
-def _check_range(flag: str, lo: float, hi: float) -> None:
-    if not (math.isfinite(lo) and math.isfinite(hi)) or lo <= 0:
-        raise TuneError(f"--{flag}-min {lo:g} .. --{flag}-max {hi:g}: a log-uniform search range "
-                        "needs finite bounds > 0")
+def _check_range(flag: str, lo: float, hi: float, log: bool = True) -> None:
+    """flag: how the user gave the range, e.g. "--gamma-min A .. --gamma-max B" parts."""
+    if not (math.isfinite(lo) and math.isfinite(hi)) or (log and lo <= 0):
+        raise TuneError(f"{flag}: a {'log-' if log else ''}uniform search range needs finite bounds"
+                        + (" > 0" if log else ""))
     if lo > hi:
-        raise TuneError(f"--{flag}-min {lo:g} is above --{flag}-max {hi:g}: the range is inverted; "
-                        "swap them")
+        raise TuneError(f"{flag}: the range is inverted ({lo:g} is above {hi:g}); swap them")
     if lo == hi:
-        raise TuneError(f"--{flag}-min = --{flag}-max = {lo:g}: the range is empty; widen it (or "
-                        f"train once with {'loss.gamma' if flag == 'gamma' else 'optim.lr'}={lo:g})")
+        raise TuneError(f"{flag}: the range is empty ({lo:g} .. {hi:g}); widen it, or train once with "
+                        "that value")
+
+
+# The keys a sweep may not vary: they name, place or track the sweep's own runs.
+FIXED_KEYS = ("train.name", "train.storage_path", "train.num_workers")
+
+
+def search_spec(cfg: Config, opts: SweepOptions) -> dict[str, tuple[str, Any]]:
+    """{dotted key: ("grid", values) | ("loguniform", (lo, hi)) | ("uniform", (lo, hi))}, each
+    key and value checked against `cfg` (unknown keys and values the config rejects are named);
+    train.seed as a grid when `opts.seeds` > 1. Without a grid or range: the gamma default."""
+    space: dict[str, tuple[str, Any]] = {}
+    if not (opts.grid or opts.loguniform or opts.uniform):
+        _check_range(f"--gamma-min {opts.gamma_min:g} .. --gamma-max {opts.gamma_max:g}",
+                     opts.gamma_min, opts.gamma_max)
+        space["loss.gamma"] = ("loguniform", (opts.gamma_min, opts.gamma_max))
+    if (opts.lr_min is None) != (opts.lr_max is None):
+        raise TuneError("give both --lr-min and --lr-max to search the learning rate, or neither")
+    if opts.lr_min is not None:
+        _check_range(f"--lr-min {opts.lr_min:g} .. --lr-max {opts.lr_max:g}", opts.lr_min, opts.lr_max)
+        space["optim.lr"] = ("loguniform", (opts.lr_min, opts.lr_max))
+    for kind, given in (("grid", opts.grid), ("loguniform", opts.loguniform), ("uniform", opts.uniform)):
+        for key, value in given.items():
+            if key in space:
+                raise TuneError(f"--{kind} {key}: {key} is already searched ({space[key][0]}); give it once")
+            if key in FIXED_KEYS:
+                raise TuneError(f"--{kind} {key}: a sweep sets {key} itself; it cannot be searched")
+            if kind == "grid":
+                space[key] = ("grid", _check_grid(cfg, key, list(value)))
+            else:
+                lo, hi = (float(v) for v in value)
+                _check_range(f"--{kind} {key}={lo:g}:{hi:g}", lo, hi, log=kind == "loguniform")
+                for end in (lo, hi):
+                    _config_value(cfg, key, end, f"--{kind} {key}={lo:g}:{hi:g}")
+                space[key] = (kind, (lo, hi))
+    if opts.seeds > 1:
+        if "train.seed" in space:
+            raise TuneError("--seeds repeats every configuration over train.seed; do not search it too")
+        space["train.seed"] = ("grid", [cfg.train.seed + i for i in range(opts.seeds)])
+    return space
+
+
+def _config_value(cfg: Config, key: str, value: Any, flag: str) -> Any:
+    """`value` as the config holds it at `key` (coerced and validated), or a TuneError."""
+    from vaegan.config import ConfigError, apply_overrides
+
+    trial = config_from_dict(cfg.to_dict())
+    try:
+        apply_overrides(trial, {key: value}).validate()
+    except ConfigError as e:
+        raise TuneError(f"{flag}: {e}") from None
+    section, _, name = key.partition(".")
+    return getattr(getattr(trial, section), name)
+
+
+def _check_grid(cfg: Config, key: str, values: list) -> list:
+    if not values:
+        raise TuneError(f"--grid {key}=: the grid is empty; give at least one value")
+    typed = [_config_value(cfg, key, v, f"--grid {key}={v}") for v in values]
+    if len(set(map(repr, typed))) != len(typed):
+        raise TuneError(f"--grid {key}={','.join(map(str, values))}: a value is given twice")
+    return typed
 
 
 def check_options(cfg: Config, opts: SweepOptions) -> SweepOptions:
@@ -152,18 +230,20 @@ def check_options(cfg: Config, opts: SweepOptions) -> SweepOptions:
     opts.name = opts.name or f"{cfg.train.name}-sweep"
     if "/" in opts.name:
         raise TuneError(f"--name {opts.name!r}: a sweep name cannot contain '/'")
-    _check_range("gamma", opts.gamma_min, opts.gamma_max)
-    if (opts.lr_min is None) != (opts.lr_max is None):
-        raise TuneError("give both --lr-min and --lr-max to search the learning rate, or neither")
-    if opts.lr_min is not None:
-        _check_range("lr", opts.lr_min, opts.lr_max)
-    if cfg.loss.mode != "vaegan" or cfg.loss.recipe != "paper":
+    space = search_spec(cfg, opts)
+    if "loss.gamma" in space and "loss.mode" not in space and "loss.recipe" not in space and (
+            cfg.loss.mode != "vaegan" or cfg.loss.recipe != "paper"):
         raise TuneError(f"loss.gamma acts only with loss.mode=vaegan loss.recipe=paper (got "
                         f"{cfg.loss.mode}, {cfg.loss.recipe}); a sweep over it would train the same "
                         "model N times")
-    for flag, value in (("trials", opts.trials), ("max-concurrent", opts.max_concurrent)):
+    random = any(kind != "grid" for kind, _ in space.values())
+    opts.trials = opts.trials or (8 if random else 1)
+    for flag, value in (("trials", opts.trials), ("max-concurrent", opts.max_concurrent),
+                        ("seeds", opts.seeds)):
         if value < 1:
             raise TuneError(f"--{flag} {value}: it must be an integer >= 1")
+    if opts.scheduler not in ("asha", "fifo"):
+        raise TuneError(f"--scheduler {opts.scheduler!r}: choose one of: asha | fifo")
     opts.workers_per_trial = opts.workers_per_trial or cfg.train.num_workers
     if opts.workers_per_trial < 1:
         raise TuneError(f"--workers-per-trial {opts.workers_per_trial}: it must be an integer >= 1")
@@ -214,6 +294,12 @@ def _check_featurizer(featurizer: str, metric: str) -> None:
                         f"{featurizer} is {kind}: pick eval_fid_samples or another metric")
 
 
+def total_trials(cfg: Config, opts: SweepOptions) -> int:
+    """opts.trials samples x every grid point (seeds included)."""
+    grids = [len(arg) for kind, arg in search_spec(cfg, opts).values() if kind == "grid"]
+    return opts.trials * math.prod(grids)
+
+
 def per_trial_cpus(cfg: Config, opts: SweepOptions) -> float:
     return opts.trial_cpus + opts.workers_per_trial * cfg.train.cpus_per_worker
 
@@ -222,7 +308,7 @@ def check_resources(cfg: Config, opts: SweepOptions) -> None:
     """A clear error instead of trials that wait forever for CPUs (or GPUs) nobody has."""
     from vaegan import cluster
 
-    concurrent = min(opts.max_concurrent, opts.trials)
+    concurrent = min(opts.max_concurrent, total_trials(cfg, opts))
     k, cpw = opts.workers_per_trial, cfg.train.cpus_per_worker
     cluster.check_resources(
         concurrent * per_trial_cpus(cfg, opts), concurrent * k if cfg.train.use_gpu else 0,
@@ -241,10 +327,9 @@ def _trial_dirname(trial) -> str:
 
 def trial_config(base: dict, params: dict, name: str) -> Config:
     """The trial's config: the sweep's base with the searched values and the trial's name."""
-    cfg = config_from_dict(base)
-    cfg.loss.gamma = float(params["gamma"])
-    if "lr" in params:
-        cfg.optim.lr = float(params["lr"])
+    from vaegan.config import apply_overrides
+
+    cfg = apply_overrides(config_from_dict(base), params)
     cfg.train.name = name
     return cfg.validate()
 
@@ -308,18 +393,32 @@ def driver_fn(config: dict, ctx: dict) -> None:
 # The sweep
 
 
-def search_space(opts: SweepOptions) -> dict[str, Any]:
+def search_space(space: dict[str, tuple[str, Any]]) -> dict[str, Any]:
+    """Tune's param_space for a checked `search_spec`."""
     from ray import tune
 
-    space = {"gamma": tune.loguniform(opts.gamma_min, opts.gamma_max)}
-    if opts.lr_min is not None:
-        space["lr"] = tune.loguniform(opts.lr_min, opts.lr_max)
-    return space
+    make = {"grid": tune.grid_search, "loguniform": lambda r: tune.loguniform(*r),
+            "uniform": lambda r: tune.uniform(*r)}
+    return {key: make[kind](arg) for key, (kind, arg) in space.items()}
+
+
+def describe(space: dict[str, tuple[str, Any]]) -> str:
+    """'loss.mode in {vae, vaegan}, loss.gamma log-uniform in [1e-07, 1]' for the console."""
+    parts = []
+    for key, (kind, arg) in space.items():
+        if kind == "grid":
+            parts.append(f"{key} in {{{', '.join(map(str, arg))}}}")
+        else:
+            parts.append(f"{key} {'log-' if kind == 'loguniform' else ''}uniform in [{arg[0]:g}, {arg[1]:g}]")
+    return ", ".join(parts)
 
 
 def _sweep_params(cfg: Config, opts: SweepOptions) -> dict[str, Any]:
-    """The parent run's params: the trials' base config and the sweep's options."""
-    return {**cfg.flat(), **{f"tune.{k}": v for k, v in dataclasses.asdict(opts).items()}}
+    """The parent run's params: the trials' base config, the sweep's options and its space."""
+    import json
+
+    return {**cfg.flat(), **{f"tune.{k}": v for k, v in dataclasses.asdict(opts).items()},
+            "tune.space": json.dumps(search_spec(cfg, opts))}
 
 
 def _parent_run(uri: str, cfg: Config, opts: SweepOptions) -> str:
@@ -354,7 +453,7 @@ def sweep(cfg: Config, opts: SweepOptions) -> SweepResult:
     """Check, then run (or resume) the sweep on Ray; summarise it in MLflow and register the
     best completed trial as `challenger`. Blocks until done."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from vaegan import cluster
@@ -371,7 +470,7 @@ def sweep(cfg: Config, opts: SweepOptions) -> SweepResult:
     cfg.tracking.tracking_uri = uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     # Logical CPUs to spare: a trial's resources are freed a little after it ends, and a local
     # Ray sized exactly made the next trial wait forever (docs/platform.md#ray-tune).
-    concurrent = min(opts.max_concurrent, opts.trials)
+    concurrent = min(opts.max_concurrent, total_trials(cfg, opts))
     cluster.connect(2 * concurrent * per_trial_cpus(cfg, opts), min_cpus=LOCAL_MIN_CPUS)
     check_resources(cfg, opts)
     storage = cluster.resolve_storage(cfg.train.storage_path, cfg.data.s3_endpoint,
@@ -390,11 +489,13 @@ def sweep(cfg: Config, opts: SweepOptions) -> SweepResult:
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True, storage_filesystem=storage.filesystem)
     else:
-        print(f"[vaegan] sweep {opts.name}: {opts.trials} trials, gamma in [{opts.gamma_min:g}, "
-              f"{opts.gamma_max:g}], {opts.workers_per_trial} worker(s) each, ASHA on {opts.metric} "
-              f"({opts.mode}) from step {opts.grace_period}, MLflow parent run {parent}", flush=True)
+        space = search_spec(cfg, opts)
+        stopping = (f"ASHA on {opts.metric} ({opts.mode}) from step {opts.grace_period}"
+                    if opts.scheduler == "asha" else f"every trial to step {cfg.train.steps}")
+        print(f"[vaegan] sweep {opts.name}: {total_trials(cfg, opts)} trials over {describe(space)}, "
+              f"{opts.workers_per_trial} worker(s) each, {stopping}, MLflow parent run {parent}", flush=True)
         tuner = tune.Tuner(
-            trainable, param_space=search_space(opts),
+            trainable, param_space=search_space(space),
             tune_config=tune.TuneConfig(
                 metric=opts.metric, mode=opts.mode, num_samples=opts.trials,
                 reuse_actors=False,  # a trial's process dies with it (and its trainer's workers)
@@ -402,7 +503,8 @@ def sweep(cfg: Config, opts: SweepOptions) -> SweepResult:
                 search_alg=BasicVariantGenerator(random_state=opts.seed, max_concurrent=opts.max_concurrent),
                 scheduler=ASHAScheduler(time_attr="step", max_t=cfg.train.steps,
                                         grace_period=opts.grace_period,
-                                        reduction_factor=opts.reduction_factor),
+                                        reduction_factor=opts.reduction_factor)
+                if opts.scheduler == "asha" else FIFOScheduler(),
                 trial_dirname_creator=_trial_dirname),
             run_config=tune.RunConfig(name=opts.name, storage_path=storage.path,
                                       storage_filesystem=storage.filesystem, verbose=1,
@@ -436,7 +538,7 @@ def _rows(grid, cfg: Config, opts: SweepOptions) -> list[TrialRow]:
         history = result.metrics_dataframe
         rows.append(TrialRow(
             trial_id=trial_id, run_id=run[0].info.run_id if run else "",
-            gamma=float(result.config["gamma"]), lr=float(result.config.get("lr", cfg.optim.lr)),
+            params={k: result.config[k] for k in search_spec(cfg, opts) if k in result.config},
             status=status, step=step, reports=0 if history is None else len(history),
             value=float(m.get(opts.metric, math.nan)), checkpoint_path=m.get("checkpoint_path", ""),
             error="" if not result.error else str(result.error).strip().splitlines()[-1][:300]))
@@ -470,18 +572,23 @@ def _summarise(res: SweepResult, cfg: Config, opts: SweepOptions) -> None:
             client.set_terminated(r.run_id, status="KILLED")
         elif r.status == "failed":
             client.set_terminated(r.run_id, status="FAILED")
+    keys = list(search_spec(cfg, opts))
     table = {k: [getattr(r, k) for r in res.rows]
-             for k in ("trial_id", "run_id", "gamma", "lr", "status", "step", "reports", "value", "error")}
-    table[opts.metric] = table.pop("value")
+             for k in ("trial_id", "run_id", "status", "step", "reports")}
+    table.update({k: [r.params.get(k) for r in res.rows] for k in keys})
+    table[opts.metric] = [r.value for r in res.rows]
+    table["error"] = [r.error for r in res.rows]
     client.log_table(res.parent_run_id, data=table, artifact_file="sweep/trials.json")
     client.log_text(res.parent_run_id, format_table(res), "sweep/trials.md")
-    client.log_figure(res.parent_run_id, plot(res, opts), f"sweep/{opts.metric}_vs_gamma.png")
+    x = keys[0]
+    client.log_figure(res.parent_run_id, plot(res, opts, x, search_spec(cfg, opts)[x][0]),
+                      f"sweep/{opts.metric}_vs_{x.rpartition('.')[2]}.png")
     res.best = best_row(res.rows, opts.mode)
     if res.best:
         b = res.best
         client.log_metric(res.parent_run_id, f"best_{opts.metric}", b.value)
         for key, value in (("best_trial", b.trial_id), ("best_run_id", b.run_id),
-                           ("best_gamma", f"{b.gamma:.6g}"), ("best_lr", f"{b.lr:.6g}")):
+                           *((f"best.{k}", _show(v)) for k, v in b.params.items())):
             client.set_tag(res.parent_run_id, f"vaegan.tune.{key}", value)
         res.challenger_uri = register_challenger(b, cfg, res.tracking_uri)
         client.set_tag(res.parent_run_id, "vaegan.tune.challenger", res.challenger_uri)
@@ -519,48 +626,62 @@ def register_challenger(best: TrialRow, cfg: Config, uri: str) -> str:
     return register(info.model_uri, name, alias=CHALLENGER)
 
 
+def _show(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
 def format_table(res: SweepResult) -> str:
     """The trials as a markdown table, best first (completed, then the rest)."""
     sign = 1 if res.mode == "min" else -1
     order = {"completed": 0, "stopped early": 1, "failed": 2, "unfinished": 3}
     rows = sorted(res.rows, key=lambda r: (order[r.status], sign * r.value if math.isfinite(r.value)
                                            else math.inf))
-    lines = [f"| trial | gamma | lr | status | step | {res.metric} | MLflow run |",
-             "|---|---|---|---|---|---|---|"]
+    keys = list(dict.fromkeys(k for r in res.rows for k in r.params))
+    lines = [f"| trial | {' | '.join(keys)} | status | step | {res.metric} | MLflow run |",
+             "|---|" + "---|" * len(keys) + "---|---|---|---|"]
     for r in rows:
         best = " (best)" if res.best and r.trial_id == res.best.trial_id else ""
-        lines.append(f"| {r.trial_id}{best} | {r.gamma:.3g} | {r.lr:.3g} | {r.status} | {r.step} | "
-                     f"{r.value:.5g} | {r.run_id} |")
+        values = " | ".join(_show(r.params.get(k, "")) for k in keys)
+        lines.append(f"| {r.trial_id}{best} | {values} | {r.status} | {r.step} | {r.value:.5g} | "
+                     f"{r.run_id} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(res: SweepResult, opts: SweepOptions):
-    """The metric at each trial's last report against gamma (log axis); marker by status."""
+def plot(res: SweepResult, opts: SweepOptions, key: str, kind: str):
+    """The metric at each trial's last report against the first searched key (a log axis for a
+    log-uniform range, one column per value for a grid); marker by status."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    values = sorted({repr(r.params.get(key)) for r in res.rows}) if kind == "grid" else []
+    position = (lambda r: values.index(repr(r.params.get(key)))) if kind == "grid" else (
+        lambda r: r.params.get(key))
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     styles = {"completed": ("o", "tab:blue"), "stopped early": ("x", "tab:orange"),
               "failed": ("v", "tab:red"), "unfinished": ("s", "tab:grey")}
     for status, (marker, color) in styles.items():
         rows = [r for r in res.rows if r.status == status and math.isfinite(r.value)]
         if rows:
-            ax.scatter([r.gamma for r in rows], [r.value for r in rows], marker=marker, color=color,
+            ax.scatter([position(r) for r in rows], [r.value for r in rows], marker=marker, color=color,
                        label=f"{status} ({len(rows)})")
             if status != "completed":  # judged at an earlier step than the completed ones
                 for r in rows:
-                    ax.annotate(f"step {r.step}", (r.gamma, r.value), fontsize=7,
+                    ax.annotate(f"step {r.step}", (position(r), r.value), fontsize=7,
                                 xytext=(4, 4), textcoords="offset points")
     best = best_row(res.rows, opts.mode)
     if best:
-        ax.scatter([best.gamma], [best.value], s=160, facecolors="none", edgecolors="k",
-                   label=f"best: gamma={best.gamma:.3g}")
-    ax.set_xscale("log")
-    ax.set_xlabel("loss.gamma")
+        ax.scatter([position(best)], [best.value], s=160, facecolors="none", edgecolors="k",
+                   label=f"best: {key}={_show(best.params.get(key))}")
+    if kind == "grid":
+        ax.set_xticks(range(len(values)), [v.strip("'") for v in values])
+        ax.set_xlim(-0.5, len(values) - 0.5)
+    elif kind == "loguniform":
+        ax.set_xscale("log")
+    ax.set_xlabel(key)
     ax.set_ylabel(f"{opts.metric} at the trial's last report")
-    ax.set_title(f"sweep {res.name}: {opts.metric} ({opts.mode}) vs gamma")
+    ax.set_title(f"sweep {res.name}: {opts.metric} ({opts.mode}) vs {key}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     plt.close(fig)
@@ -575,8 +696,8 @@ def main_tune(cfg: Config, opts: SweepOptions) -> SweepResult:
           f"  sweep storage:     {res.storage} (trials' checkpoints: {res.storage}-trials)",
           file=sys.stdout, flush=True)
     if res.best:
-        print(f"  challenger:        {res.challenger_uri} (trial {res.best.trial_id}, "
-              f"gamma={res.best.gamma:.3g})", flush=True)
+        chosen = ", ".join(f"{k}={_show(v)}" for k, v in res.best.params.items())
+        print(f"  challenger:        {res.challenger_uri} (trial {res.best.trial_id}, {chosen})", flush=True)
     if res.failed:
         why = "; ".join(f"{r.trial_id}: {r.error or r.status}" for r in res.failed)
         raise SweepError(f"sweep {res.name}: {len(res.failed)} of {len(res.rows)} trials failed or did "
