@@ -8,8 +8,10 @@ with a `ConfigError` that names the key and what is allowed.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,6 +147,10 @@ class DataConfig:
     """Stop the run once more than this fraction of samples read was corrupt."""
     s3_endpoint: str = ""
     """S3 endpoint URL; empty: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL from the environment."""
+    io_retry_seconds: float = 180.0
+    """How long a shard read or a checkpoint upload waits out an unreachable or failing S3
+    endpoint (connection refused/reset, timeouts, 5xx), retrying with backoff from 0.5 s to
+    10 s, before the run fails naming the file and the endpoint. Corrupt data is not retried."""
 
     def validate(self) -> None:
         _check(self.batch_size >= 2, "data.batch_size", self.batch_size,
@@ -155,6 +161,8 @@ class DataConfig:
                "an integer >= 0")
         _check(0 <= self.max_corrupt_fraction <= 1, "data.max_corrupt_fraction",
                self.max_corrupt_fraction, "a number in [0, 1]")
+        _check(self.io_retry_seconds >= 0, "data.io_retry_seconds", self.io_retry_seconds,
+               "a number of seconds >= 0 (0: fail at the first transport error)")
 
 
 @dataclass
@@ -168,12 +176,16 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     """Logical CPUs each worker asks Ray for (fractions let a sweep fit on 2 cores)."""
     sync_bn: bool = False
-    """SyncBatchNorm across ranks (GPU only)."""
+    """Batch norm over the global batch of all ranks (torch's SyncBatchNorm on GPUs,
+    vaegan.distributed.GlobalBatchNorm on CPUs): N workers then compute what one would."""
     precision: str = "auto"
     """auto | bf16 (autocast) | fp32. auto = bf16 on GPUs and on CPUs with native bf16
     (AVX512-BF16 or AMX: ~2x faster), fp32 elsewhere (bf16 is emulated there, ~100x slower)."""
     channels_last: bool = True
     """NHWC memory layout (faster convolutions on CPU)."""
+    compile: bool = False
+    """Run the step's gradient computation under torch.compile (CPU and CUDA; one worker
+    only). The first step compiles (minutes on CPU); see docs/results.md for when it pays."""
     seed: int = 0
     storage_path: str = ""
     """Where checkpoints go: a folder or s3://bucket/prefix. Empty: ./runs (absolute). On a
@@ -200,6 +212,16 @@ class TrainConfig:
     the shards' labels on first use and cached under ./data/featurizers."""
     max_failures: int = 1
     """Ray Train restarts of a failed worker group."""
+    max_rollbacks: int = 3
+    """Divergences survived: a non-finite loss (on any rank) rolls every rank back to the
+    last complete checkpoint with the lr multiplied by `rollback_lr_factor`; one more stops
+    the run with an error. 0: stop at the first."""
+    rollback_lr_factor: float = 0.5
+    """What each rollback multiplies the learning rate by (in (0, 1])."""
+    lease_ttl_s: float = 120.0
+    """A run holds a lease on its name in its storage folder, renewed every third of this;
+    a run with the same name is refused while the lease is fresher than this, and takes it
+    over once it is older (its owner died)."""
 
     def validate(self) -> None:
         _check(self.steps >= 1, "train.steps", self.steps, "an integer >= 1")
@@ -214,6 +236,10 @@ class TrainConfig:
         _check(self.eval_images >= 2, "train.eval_images", self.eval_images, "an integer >= 2")
         _check(self.max_failures >= 0, "train.max_failures", self.max_failures,
                "an integer >= 0")
+        _check(self.max_rollbacks >= 0, "train.max_rollbacks", self.max_rollbacks, "an integer >= 0")
+        _check(0 < self.rollback_lr_factor <= 1, "train.rollback_lr_factor", self.rollback_lr_factor,
+               "a number in (0, 1]")
+        _check(self.lease_ttl_s >= 3, "train.lease_ttl_s", self.lease_ttl_s, "a number of seconds >= 3")
         _check(bool(self.name) and "/" not in self.name, "train.name", self.name,
                "a non-empty name without '/'")
 
@@ -230,12 +256,48 @@ class TrackingConfig:
     experiment: str = "vaegan"
     model_name: str = "vaegan"
     """Registered model name in the MLflow Model Registry."""
-    log_checkpoints: bool = True
-    """Log each checkpoint's weights as an MLflow model linked to its step."""
+    log_checkpoints: bool = False
+    """Also log every checkpoint as an MLflow model (`checkpoint-NNNNNNN`), never pruned: ~200 MB
+    each at celeba64. Off: MLflow keeps the final model and the best one (`best_metric`);
+    checkpoints stay in the run's storage, the last `train.keep_checkpoints` of them."""
+    best_metric: str = COMPARE_METRIC
+    """The run keeps its best checkpoint by this metric as the MLflow model `best` (tagged
+    vaegan.best / vaegan.best_value); a better later one replaces it, and the one replaced is
+    deleted from MLflow (model and artifacts) unless registered. A checkpoint competes when
+    the metric was reported at its step (eval_* metrics: train.eval_every, at the checkpoint
+    steps and at the end). Empty: no best model. When the final checkpoint is the best, the
+    final model `model` is tagged as it, not logged twice."""
+    best_mode: str = "min"
+    """min | max: whether a lower or a higher `best_metric` is better (min for FIDs)."""
+    outage_grace_seconds: float = 600.0
+    """At the end of training, how long rank 0 waits for an unreachable MLflow server to come
+    back to send what it kept and to log and register the final model. During training it
+    never waits: metrics and images are kept (images on disk) and sent when it is back."""
+    start_wait_seconds: float = 30.0
+    """How long the driver retries an unreachable MLflow server before failing at start."""
+    request_timeout_seconds: int = 30
+    """Timeout of one MLflow HTTP request from rank 0 (MLflow's own retries are turned off
+    there: the background sender retries with backoff instead)."""
+    max_pending_metrics: int = 200_000
+    """Metric values kept in memory while MLflow is unreachable; beyond it new ones are
+    dropped and reported as lost at the end."""
+    max_spool_mb: int = 2048
+    """Disk space for images and checkpoint models kept while MLflow is unreachable; beyond
+    it new ones are dropped and reported as lost (checkpoints stay in storage)."""
 
     def validate(self) -> None:
         _check(bool(self.experiment), "tracking.experiment", self.experiment, "non-empty")
         _check(bool(self.model_name), "tracking.model_name", self.model_name, "non-empty")
+        _choice("tracking", "best_mode", self.best_mode, ("min", "max"))
+        _check(self.outage_grace_seconds >= 0, "tracking.outage_grace_seconds",
+               self.outage_grace_seconds, ">= 0")
+        _check(self.start_wait_seconds >= 0, "tracking.start_wait_seconds", self.start_wait_seconds,
+               ">= 0")
+        _check(self.request_timeout_seconds >= 1, "tracking.request_timeout_seconds",
+               self.request_timeout_seconds, ">= 1")
+        _check(self.max_pending_metrics >= 1, "tracking.max_pending_metrics",
+               self.max_pending_metrics, ">= 1")
+        _check(self.max_spool_mb >= 0, "tracking.max_spool_mb", self.max_spool_mb, ">= 0")
 
 
 @dataclass
@@ -250,8 +312,6 @@ class Config:
     def validate(self) -> Config:
         for section in dataclasses.fields(self):
             getattr(self, section.name).validate()
-        if self.train.sync_bn and not self.train.use_gpu:
-            raise ConfigError("train.sync_bn=true needs train.use_gpu=true (SyncBatchNorm is GPU only)")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -267,6 +327,84 @@ class Config:
         d = self.to_dict()
         d["optim"]["betas"] = list(d["optim"]["betas"])
         return yaml.safe_dump(d, sort_keys=False)
+
+    def redacted(self) -> Config:
+        """A copy to write, log or print: every string field through `redact_text`, so no
+        credential in a URI reaches MLflow params, a checkpoint's or a registered model's
+        config.yaml, or the console. Never the config in use (workers need the real URIs);
+        nothing read back from a stored config needs them (resume takes the driver's config,
+        a model only its `model` section)."""
+        out = copy.deepcopy(self)
+        for section in dataclasses.fields(out):
+            sec = getattr(out, section.name)
+            for f in dataclasses.fields(sec):
+                value = getattr(sec, f.name)
+                if isinstance(value, str):
+                    setattr(sec, f.name, redact_text(value))
+        return out
+
+
+# ---------------------------------------------------------------------------------------
+# Secrets. URIs may carry credentials: userinfo (https://user:token@host for MLflow, an S3
+# endpoint with key:secret@), or a query (presigned URLs: X-Amz-Signature, X-Amz-Credential,
+# X-Amz-Security-Token, sig, token, ...). Whatever is written, logged or printed goes through
+# these first; the values in use stay as they are.
+
+REDACTED = "***"
+SAFE_QUERY_KEYS = frozenset({"endpoint_override", "scheme", "region", "host", "port", "sslmode",
+                             "x-amz-algorithm", "x-amz-date", "x-amz-expires",
+                             "x-amz-signedheaders", "versionid"})
+"""Query parameters known to hold no secret, kept as they are; every other value is redacted
+(safe by default: a query parameter nobody listed may well be a token)."""
+SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
+              "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_CLIENT_CERT_PATH",
+              "DATABRICKS_TOKEN", "AZURE_STORAGE_ACCESS_KEY", "AZURE_STORAGE_CONNECTION_STRING",
+              "GOOGLE_APPLICATION_CREDENTIALS")
+"""Credential variables whose values `redact_text` also blanks wherever they show up (an
+error message of a client, say); values shorter than 8 characters are too likely to be
+ordinary words to replace."""
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>`]+")
+
+
+def redact_url(url: str) -> str:
+    """`scheme://user:secret@host/path?token=t&scheme=http` ->
+    `scheme://***@host/path?token=***&scheme=http`: userinfo and every query value not in
+    SAFE_QUERY_KEYS replaced; anything else (and a string that is no URL) unchanged."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # not parseable as a URL: blank it rather than guess
+        return REDACTED
+    if not parts.scheme or (not parts.netloc and not parts.query):
+        return url
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = f"{REDACTED}@{netloc.rpartition('@')[2]}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(k, redact_url(v) if k.lower() in SAFE_QUERY_KEYS else REDACTED)
+                           for k, v in pairs], safe="*:/")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def redact_text(text: str) -> str:
+    """Every URL in `text` through `redact_url`, and the values of the SECRET_ENV variables
+    that are set (8 characters or more) replaced by ***."""
+    import os
+
+    def one(m: re.Match) -> str:  # punctuation after a URL in a sentence is not part of it
+        url = m.group(0)
+        core = url.rstrip(".,;:)]}")
+        return redact_url(core) + url[len(core):]
+
+    text = _URL.sub(one, text)
+    for name in SECRET_ENV:
+        value = os.environ.get(name, "")
+        if len(value) >= 8:
+            text = text.replace(value, REDACTED)
+    return text
 
 
 # ---------------------------------------------------------------------------------------
@@ -452,5 +590,5 @@ def config_from_dict(d: dict[str, Any]) -> Config:
 __all__ = [
     "Config", "ConfigError", "DataConfig", "LossConfig", "ModelConfig", "OptimConfig",
     "TrackingConfig", "TrainConfig", "PRESETS", "preset", "load_config", "config_from_dict",
-    "apply_overrides", "parse_kv",
+    "apply_overrides", "parse_kv", "redact_text", "redact_url",
 ]

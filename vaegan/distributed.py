@@ -8,6 +8,8 @@ step (docs/method.md#pitfalls), and the step routes different gradients into eac
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -25,7 +27,8 @@ def wrap(model: VAEGAN, device: torch.device, sync_bn: bool = False
 
     The step runs one forward per network per step and every parameter of a network it
     uses receives a gradient, so the defaults (no unused-parameter search) hold. Each rank
-    keeps its own batch statistics unless `sync_bn` (GPU only, as SyncBatchNorm needs).
+    keeps its own batch statistics unless `sync_bn`: then batch norm normalises with the
+    statistics of the global batch, and N workers compute what one would on all N batches.
     """
     nets = (model.encoder, model.decoder, model.discriminator)
     if not is_distributed():
@@ -33,10 +36,64 @@ def wrap(model: VAEGAN, device: torch.device, sync_bn: bool = False
     ids = [device.index] if device.type == "cuda" else None
     wrapped = []
     for net in nets:
-        if sync_bn:
+        if sync_bn and device.type == "cuda":
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        elif sync_bn:
+            convert_global_batchnorm(net)
         wrapped.append(nn.parallel.DistributedDataParallel(net, device_ids=ids))
     return tuple(wrapped)
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Batch norm over the global batch of all ranks, on any device: in training, the mean
+    and variance are reduced across ranks with a differentiable all-reduce (so gradients
+    flow through the shared statistics to every rank's inputs, as in one process).
+    torch's SyncBatchNorm does this on GPUs only (DDP refuses it in a CPU module), and the
+    CPU workers (gloo) are where the service is tested. Same parameters and buffers as the
+    BatchNorm it replaces, so checkpoints do not change."""
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-D input (got {x.dim()}-D)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and is_distributed()):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        # Deprecated in favour of _functional_collectives.all_reduce, which has no autograd
+        # (the gradient through the shared statistics is the point): keep it, quietly.
+        warnings.filterwarnings("ignore", "torch.distributed.nn.functional.all_reduce is deprecated",
+                                FutureWarning)
+        c, dims = x.shape[1], [0, *range(2, x.dim())]
+        xf = x.float()  # statistics in fp32 also under bf16 autocast
+        local = torch.cat([xf.sum(dims), xf.square().sum(dims), xf.new_tensor([x.numel() // c])])
+        total = all_reduce(local)  # sums over ranks; its backward sums the gradients over ranks
+        count = total[-1]
+        mean = total[:c] / count
+        var = total[c:2 * c] / count - mean.square()
+        if self.track_running_stats:
+            with torch.no_grad():
+                m = self.momentum if self.momentum is not None else 1 / float(self.num_batches_tracked + 1)
+                self.running_mean.lerp_(mean.detach(), m)
+                self.running_var.lerp_(var.detach() * count / (count - 1), m)  # unbiased, as BatchNorm
+                self.num_batches_tracked += 1
+        shape = [1, c] + [1] * (x.dim() - 2)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def convert_global_batchnorm(module: nn.Module) -> nn.Module:
+    """Turn every BatchNorm1d/2d inside `module` into a GlobalBatchNorm, in place (same
+    parameter and buffer tensors)."""
+    for child in module.children():
+        if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            child.__class__ = GlobalBatchNorm  # keeps its tensors and state_dict keys
+        else:
+            convert_global_batchnorm(child)
+    return module
 
 
 def mean(t: torch.Tensor) -> torch.Tensor:
