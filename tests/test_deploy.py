@@ -228,18 +228,19 @@ def parse_entrypoint(entrypoint: str) -> Entry:
     cfg = load_config(args.preset, args.config, args.overrides)  # ConfigError is a ValueError
     if command != "tune":
         return Entry(command, cfg)
-    from vaegan.tune import SweepOptions, check_options
+    from vaegan.cli import sweep_options
+    from vaegan.tune import check_options
 
-    fields = {f.name for f in dataclasses.fields(SweepOptions)}
-    opts = SweepOptions(**{k: v for k, v in vars(args).items() if k in fields})
-    return Entry(command, cfg, check_options(cfg, opts))  # TuneError is a ValueError
+    return Entry(command, cfg, check_options(cfg, sweep_options(args)))  # TuneError is a ValueError
 
 
 def gpus_needed(e: Entry) -> int:
     if not e.cfg.train.use_gpu:
         return 0
     if e.command == "tune":
-        return e.opts.workers_per_trial * min(e.opts.max_concurrent, e.opts.trials)
+        from vaegan.tune import total_trials
+
+        return e.opts.workers_per_trial * min(e.opts.max_concurrent, total_trials(e.cfg, e.opts))
     return e.cfg.train.num_workers
 
 
@@ -398,8 +399,8 @@ def mlflow_uris(d: Deploy) -> list[tuple[str, str]]:
 
 def check_mlflow(d: Deploy) -> list[str]:
     """The tracking server (PostgreSQL from a Secret, proxied S3 artifacts, /health probes),
-    the serving Deployment (champion alias, local env, readiness, limits) and every MLflow
-    URI pointing at the tracking Service."""
+    the serving Deployment (`vaegan models serve` with request limits, champion alias,
+    readiness, resource limits) and every MLflow URI pointing at the tracking Service."""
     problems = []
     deployments = {doc.obj["metadata"]["name"]: doc for doc in of_kind(d, "Deployment")}
 
@@ -411,9 +412,9 @@ def check_mlflow(d: Deploy) -> list[str]:
 
     servers = [doc for doc in deployments.values() if argv(main_container(doc))[:2] == ["mlflow", "server"]]
     serving = [doc for doc in deployments.values()
-               if argv(main_container(doc))[:3] == ["mlflow", "models", "serve"]]
+               if argv(main_container(doc))[1:3] == ["models", "serve"]]
     if len(servers) != 1 or not serving:
-        return [f"want one `mlflow server` and a `mlflow models serve` Deployment; found {len(servers)} "
+        return [f"want one `mlflow server` and a `vaegan models serve` Deployment; found {len(servers)} "
                 f"and {len(serving)}"]
     server = servers[0]
     c, where = main_container(server), label(server)
@@ -432,11 +433,23 @@ def check_mlflow(d: Deploy) -> list[str]:
             problems.append(f"{where}: no {probe} on /health")
     for doc in serving:
         c, where = main_container(doc), label(doc)
-        model = flag(argv(c), "-m") or flag(argv(c), "--model-uri") or ""
-        if not re.fullmatch(r"models:/[^/@]+@champion", model):
-            problems.append(f"{where}: serves {model!r}, not models:/NAME@champion")
-        if flag(argv(c), "--env-manager") != "local":
-            problems.append(f"{where}: no --env-manager local (it would build an environment at start)")
+        if argv(c)[0] != "vaegan":  # `mlflow models serve` parses any body in full
+            problems.append(f"{where}: `{' '.join(argv(c)[:3])}` has no request limits; use `vaegan models "
+                            "serve` (413 for a body over --max-body-bytes, 400 over --max-output-values)")
+            continue
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                args = _vaegan_parser().parse_args(argv(c)[1:])
+        except SystemExit:
+            problems.append(f"{where}: `vaegan models serve` refuses {argv(c)[3:]}: {err.getvalue().strip()}")
+            continue
+        if not re.fullmatch(r"models:/[^/@]+@champion", args.uri):
+            problems.append(f"{where}: serves {args.uri!r}, not models:/NAME@champion")
+        port = {p.get("name"): p.get("containerPort") for p in c.get("ports", [])}.get("http")
+        if args.host != "0.0.0.0" or args.port != port:
+            problems.append(f"{where}: listens on {args.host}:{args.port}, not on 0.0.0.0 at the http "
+                            f"containerPort {port}")
         if "readinessProbe" not in c:
             problems.append(f"{where}: no readinessProbe")
         if not {"cpu", "memory"} <= set(limits(c)) or not c.get("resources", {}).get("requests"):
@@ -733,8 +746,14 @@ BREAKS: list[tuple[str, Callable, Callable[[Deploy], None], str]] = [
     ("serving-no-readiness", check_mlflow, lambda d: _serve(d).pop("readinessProbe"), "readinessProbe"),
     ("serving-no-limits", check_mlflow, lambda d: _serve(d)["resources"].pop("limits"), "limits"),
     ("serving-not-champion", check_mlflow,
-     lambda d: _set(_serve(d), "args", ["-m", "models:/vaegan-celeba64/latest", "--env-manager=local"]),
+     lambda d: _set(_serve(d), "args", ["models:/vaegan-celeba64/latest", "--host=0.0.0.0", "--port=8080"]),
      "champion"),
+    ("serving-mlflow-cli", check_mlflow,
+     lambda d: _set(_serve(d), "command", ["mlflow", "models", "serve"]), "no request limits"),
+    ("serving-bad-limit", check_mlflow,
+     lambda d: _serve(d)["args"].append("--max-body-bytes=32MiB"), "refuses"),
+    ("serving-loopback", check_mlflow,
+     lambda d: _serve(d)["args"].remove("--host=0.0.0.0"), "not on 0.0.0.0"),
     ("secret-env-value", check_no_literal_secrets,
      lambda d: _mlflow(d)["env"].append({"name": "AWS_SECRET_ACCESS_KEY", "value": "abc"}), "literal value"),
     ("secret-configmap", check_no_literal_secrets,

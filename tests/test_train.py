@@ -48,8 +48,11 @@ def test_two_workers_track_everything_in_mlflow(tmp_path, mnist_shards, mlflow_s
     model = mlflow.pyfunc.load_model(res.model_uri)
     samples = model.predict(np.zeros((1, 1, 32, 32), np.float32), params={"op": "sample", "n": 5})
     assert samples.shape == (5, 1, 32, 32) and np.abs(samples).max() <= 1
-    checkpoints = client.search_logged_models(experiment_ids=[run.info.experiment_id])
-    assert {m.name for m in checkpoints} >= {"checkpoint-0000003", "checkpoint-0000006", "model"}
+    # MLflow keeps the final model, which here (eval at step 6 only) is also the best: no copy
+    # per checkpoint, no second copy as `best`
+    logged = client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                         filter_string=f"source_run_id = '{run.info.run_id}'")
+    assert [(m.name, m.tags.get("vaegan.best")) for m in logged] == [("model", "eval_fid_samples")]
 
 
 def test_stopped_run_resumes_at_its_checkpoint_in_the_same_mlflow_run(

@@ -85,7 +85,9 @@ def save_model_folder(path: str | Path, net: VAEGAN, cfg: Config, attributes: di
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, path / WEIGHTS)
-    (path / CONFIG).write_text(cfg.to_yaml())
+    # Redacted: this file travels (checkpoint storage, registered models) and is read back
+    # only for the model section; resume takes the driver's live config.
+    (path / CONFIG).write_text(cfg.redacted().to_yaml())
     if attributes:
         (path / ATTRIBUTES).write_text(json.dumps(attributes, indent=1) + "\n")
     return path

@@ -4,12 +4,19 @@
     trainer.pt    the three optimizer states and the step count, torch RNG state
     state.json    step, data position (epoch, batch), MLflow run id, vaegan version
     config.yaml   the resolved config
+    manifest.json the size and sha256 of every file above, written last
+
+A checkpoint is complete only when its manifest is there and every file matches it: a writer
+killed mid-way (or an upload cut short) leaves a folder without one, or with a file that does
+not match, and resume skips such a folder for the newest complete one (`check_complete`).
+A checkpoint is never written with non-finite weights (`CheckpointError`).
 
 Everything loads with `torch.load(weights_only=True)`: no pickle is executed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import asdict, dataclass
@@ -17,11 +24,17 @@ from pathlib import Path
 
 import torch
 
-from vaegan.artifact import STATE, folder_files, load_net, save_model_folder
+from vaegan.artifact import STATE, WEIGHTS, folder_files, load_net, save_model_folder
 from vaegan.config import Config
+from vaegan.errors import UserError
 from vaegan.model import VAEGAN
 
 TRAINER = "trainer.pt"  # beside the model folder's files (vaegan.artifact)
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that must not be written (non-finite weights) or cannot be used."""
 
 
 @dataclass
@@ -34,13 +47,23 @@ class TrainState:
     """Batches of `epoch` already consumed on every rank."""
     mlflow_run_id: str = ""
     version: str = ""
+    rollbacks: int = 0
+    """Divergences rolled back so far (train.max_rollbacks caps them)."""
+    lr_scale: float = 1.0
+    """The product of train.rollback_lr_factor over those rollbacks: optim.lr is multiplied
+    by it, also after a restart."""
 
 
 def save_checkpoint(path: str | Path, model: VAEGAN, cfg: Config, state: TrainState,
                     trainer_state: dict | None = None) -> Path:
-    """Write the directory at `path` atomically (a temp sibling, then a rename)."""
+    """Write the directory at `path` atomically (a temp sibling, then a rename), its
+    manifest last. Refuses (CheckpointError) weights that are not all finite."""
     from vaegan import __version__
 
+    bad = non_finite_tensors(model)
+    if bad:
+        raise CheckpointError(f"not writing the checkpoint of step {state.step}: non-finite values in "
+                              f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -49,6 +72,7 @@ def save_checkpoint(path: str | Path, model: VAEGAN, cfg: Config, state: TrainSt
         torch.save({**trainer_state, "torch_rng": torch.get_rng_state()}, tmp / TRAINER)
     state.version = __version__
     (tmp / STATE).write_text(json.dumps(asdict(state), indent=2))
+    write_manifest(tmp, state.step)
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
     return path
@@ -73,3 +97,51 @@ def load_trainer_state(path: str | Path) -> dict | None:
     state = torch.load(file, map_location="cpu", weights_only=True)
     torch.set_rng_state(state.pop("torch_rng"))
     return state
+
+
+def non_finite_tensors(model: VAEGAN) -> list[str]:
+    """Names of the weights and buffers holding NaN or inf (empty: all finite)."""
+    return [k for k, v in model.state_dict().items()
+            if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def _sha256(file: Path) -> str:
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: str | Path, step: int) -> None:
+    """manifest.json: size and sha256 of every other file in `folder`. Written last, so its
+    presence says the writer got to the end."""
+    folder = Path(folder)
+    files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+             for f in sorted(folder.iterdir()) if f.is_file() and f.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
+
+
+def check_complete(folder: str | Path) -> str:
+    """"" when the checkpoint at `folder` is complete (its manifest is there and every file
+    matches it), else what is wrong, in a few words."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST} (the writer stopped before the end)"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"unreadable {MANIFEST} ({type(e).__name__})"
+    for name in (STATE, WEIGHTS):
+        if name not in files:
+            return f"{MANIFEST} lists no {name}"
+    for name, want in files.items():
+        f = folder / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != want["bytes"]:
+            return f"{name} has {f.stat().st_size} bytes, the manifest says {want['bytes']}"
+        if _sha256(f) != want["sha256"]:
+            return f"{name} does not match its sha256 in the manifest"
+    return ""

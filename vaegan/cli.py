@@ -17,6 +17,7 @@
     vaegan bench step [--preset celeba64] [key=value ...] [--steps N]
     vaegan models list [NAME] | promote NAME [--from challenger] [--to champion] [--force]
     vaegan models sample|reconstruct|interpolate|edit|attributes URI ... (-o PNG)
+    vaegan models serve URI [--host H] [--port P] [--max-body-bytes N] [--max-output-values N]
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vaegan.config import COMPARE_METRIC, PRESETS, load_config
+from vaegan.config import COMPARE_METRIC, PRESETS, load_config, redact_text
 from vaegan.errors import UserError
 
 # Building the parser imports nothing heavy (no torch, Ray or MLflow), so `vaegan --help` and
@@ -33,7 +34,7 @@ from vaegan.errors import UserError
 
 def _config_show(args: argparse.Namespace) -> None:
     cfg = load_config(args.preset, args.config, args.overrides)
-    print(cfg.to_yaml(), end="")
+    print(cfg.redacted().to_yaml(), end="")  # what is shown is redacted, like what is logged
     if args.params:
         from vaegan.model import VAEGAN, dis_l_shape, param_count
 
@@ -85,16 +86,22 @@ def _add_train(sub) -> None:
 
 
 def _tune(args: argparse.Namespace) -> None:
-    from vaegan.tune import SweepOptions, main_tune
+    from vaegan.tune import main_tune
 
-    opts = SweepOptions(
+    main_tune(load_config(args.preset, args.config, args.overrides), sweep_options(args))
+
+
+def sweep_options(args: argparse.Namespace):
+    """The parsed `vaegan tune` arguments -> vaegan.tune.SweepOptions."""
+    from vaegan.tune import SweepOptions
+
+    return SweepOptions(
         name=args.name, trials=args.trials, grid=dict(args.grid), loguniform=dict(args.loguniform),
         uniform=dict(args.uniform), seeds=args.seeds, gamma_min=args.gamma_min, gamma_max=args.gamma_max,
         lr_min=args.lr_min, lr_max=args.lr_max, scheduler=args.scheduler,
         workers_per_trial=args.workers_per_trial, metric=args.metric, mode=args.mode,
         grace_period=args.grace_period, reduction_factor=args.reduction_factor,
         max_concurrent=args.max_concurrent, seed=args.seed)
-    main_tune(load_config(args.preset, args.config, args.overrides), opts)
 
 
 def _space_arg(kind: str):
@@ -426,10 +433,36 @@ def _models_attributes(args: argparse.Namespace) -> None:
             json.dump({"uri": uri, **report.to_dict()}, f, indent=2)
 
 
+def _models_serve(args: argparse.Namespace) -> None:
+    from vaegan.serve import serve
+
+    _models_tracking(args)
+    serve(args.uri, host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
+          max_output_values=args.max_output_values, device=args.device)
+
+
+def _add_models_serve(msub) -> None:
+    """serve: the REST endpoint, with request limits (vaegan.serve)."""
+    # Literal defaults: the parser imports no torch or MLflow (vaegan.serve and vaegan.pyfunc do).
+    p = msub.add_parser("serve", help="REST endpoint (MLflow's scoring server) with request limits",
+                        description="POST /invocations as with `mlflow models serve` (ops: see "
+                        "vaegan/pyfunc.py); a body over --max-body-bytes gets a 413 before it is read, "
+                        "a request for more than --max-output-values numbers a 400.")
+    _models_common(p)
+    p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (0.0.0.0 in a pod)")
+    p.add_argument("--port", type=int, default=8080, help="default 8080")
+    p.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024,
+                   help="request body limit (default 33554432 = 32 MiB: ~128-256 RGB 64x64 images as JSON)")
+    p.add_argument("--max-output-values", type=int, default=4 * 1024 * 1024,
+                   help="numbers one answer may hold, e.g. op=sample n x C x H x W (default 4194304: "
+                   "341 RGB 64x64 images)")
+    p.set_defaults(func=_models_serve)
+
+
 def _add_models(sub) -> None:
     """`vaegan models ...`: use and manage registered models (vaegan.inference, vaegan.registry)."""
     models = sub.add_parser(
-        "models", help="use registered models: list, promote, sample, reconstruct, interpolate, edit",
+        "models", help="use registered models: list, promote, sample, reconstruct, interpolate, edit, serve",
         description="URI: models:/NAME@ALIAS | models:/NAME/VERSION | models:/NAME/latest | "
                     "runs:/RUN_ID/model | a checkpoint folder. The registry is $MLFLOW_TRACKING_URI "
                     "(or --tracking-uri).")
@@ -437,6 +470,7 @@ def _add_models(sub) -> None:
     _add_models_registry(msub)
     _add_models_images(msub)
     _add_models_attributes(msub)
+    _add_models_serve(msub)
 
 
 def _models_common(p: argparse.ArgumentParser, uri: bool = True) -> None:
@@ -542,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except UserError as e:  # bad input: one clear line, no traceback
-        print(f"vaegan: error: {e}", file=sys.stderr)
+        print(f"vaegan: error: {redact_text(str(e))}", file=sys.stderr)  # messages name URIs
         return 2
     return 0
 

@@ -4,18 +4,29 @@
 
     connect(cpus_needed)            RAY_ADDRESS when set (a cluster, or inside `ray job submit`),
                                     else a new local Ray sized for the run
+    session() / shutdown()          a local Ray that connect started is shut down in order
+                                    when the driver is done (not a cluster it joined)
     check_resources(cpus, gpus, ..) a clear error instead of workers that wait forever
     resolve_storage(url, ..)        where checkpoints go (a folder or s3://bucket/prefix), checked
                                     writable, and refused when it is a local folder that the
                                     cluster's nodes do not share
+    RunLease(storage, name, ttl)    one run per name: a lease file in the run's storage folder,
+                                    renewed while the driver lives; a second driver is refused
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
+import socket
+import sys
 import tempfile
+import threading
+import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +34,9 @@ from typing import Any
 from vaegan.errors import UserError
 
 DEFAULT_STORAGE = "runs"  # relative to where the driver starts; made absolute
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's State API clients look first
+_started: list[str] = []  # the GCS address of the local Ray that `connect` started, if any
+_started_api_server: str | None = None  # API_SERVER_ENV before `connect` set it
 
 
 class ClusterError(UserError, RuntimeError):
@@ -44,8 +58,119 @@ def connect(cpus_needed: float = 1, *, min_cpus: int = 0) -> None:
     # address="local": always a new local Ray, never a stale /tmp/ray cluster file's. The
     # dashboard serves Ray's State API, which Ray Train's placement-group watcher polls:
     # without it a "State API unavailable" warning floods the console every second or two.
+    # That watcher (a detached actor) finds the State API by looking for "the" Ray on this
+    # host: with a second local Ray around (another user's, a test session's) it died with
+    # "Found multiple active Ray instances" and a traceback. RAY_API_SERVER_ADDRESS, set before
+    # init so every Ray process started here inherits it, points it at this Ray's dashboard.
+    global _started_api_server
+    port = _free_port()
+    _started_api_server = os.environ.get(API_SERVER_ENV)
+    os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
     ray.init(address="local", num_cpus=max(min_cpus, os.cpu_count() or 1, math.ceil(cpus_needed)),
-             include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+             include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=True,
+             runtime_env={"worker_process_setup_hook": "vaegan.cluster.quiet_local_worker"})
+    _started.append(ray.get_runtime_context().gcs_address)
+
+
+def quiet_local_worker() -> None:
+    """Ray's worker_process_setup_hook for the local Ray that `connect` starts: runs first in
+    each of its worker processes (Train controller, trial drivers, training workers)."""
+    import logging
+
+    # A local Ray has no autoscaler, yet Ray Train sends it a resource request with a 5 s
+    # timeout; on a busy machine the first one (it starts the coordinator actor) times out
+    # and is logged as a warning with a full traceback, though nothing is wrong. A filter,
+    # not a level: Ray Train's logging.config.dictConfig resets the levels of ray.train's
+    # child loggers, and leaves their filters.
+    logging.getLogger("ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client"
+                      ).addFilter(lambda record: record.levelno >= logging.ERROR)
+
+
+@contextlib.contextmanager
+def session() -> Iterator[None]:
+    """Around a driver's use of Ray (`fit`, `sweep`): a local Ray that `connect` starts inside
+    is shut down in order on the way out (`shutdown`); a Ray already running when entering
+    (the caller's, a test session's, a cluster joined through RAY_ADDRESS) is left running."""
+    import ray
+
+    running = ray.is_initialized()
+    try:
+        yield
+    finally:
+        if not running:
+            shutdown()
+
+
+def shutdown() -> None:
+    """Stop the local Ray that `connect` started in this process; call it once the trainer
+    or tuner has returned. Left to the interpreter's exit, Ray's atexit hook stops GCS while
+    Ray Train's placement-group watcher (a detached actor) still polls it, and a successful
+    run ended with its traceback (`RpcError: Timed out while waiting for GCS`). A cluster
+    joined through RAY_ADDRESS, or a Ray that someone else started in this process (a test
+    session's), is left running."""
+    import ray
+
+    if not _started or not ray.is_initialized():
+        _started.clear()
+        return
+    if ray.get_runtime_context().gcs_address == _started[-1]:
+        _wait_for_detached_actors()
+        ray.shutdown()
+        if _started_api_server is None:
+            os.environ.pop(API_SERVER_ENV, None)
+        else:
+            os.environ[API_SERVER_ENV] = _started_api_server
+    _started.clear()
+
+
+TUNE_COPIED_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN",
+                           "AWS_SESSION_TOKEN")
+"""What Ray Tune copies from the driver's environment into every trial's runtime_env
+(ray/tune/execution/class_cache.py); Ray's runtime-env agent then logs that runtime_env,
+secrets in plain text, in the session logs (and the dashboard shows it)."""
+
+
+@contextlib.contextmanager
+def credentials_kept_from_tune() -> Iterator[None]:
+    """Around `Tuner.fit()`: the variables of TUNE_COPIED_CREDENTIALS are out of this process's
+    environment, so Tune has none to copy. A local Ray's processes inherited them when it
+    started; on a cluster, trials then use the nodes' own credentials, as `vaegan train`'s
+    workers always do (Ray Train copies none). What this process needs S3 for was set up
+    before (s3fs instances hold their credentials)."""
+    saved = {k: os.environ.pop(k) for k in TUNE_COPIED_CREDENTIALS if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def _wait_for_detached_actors(timeout: float = 10.0) -> None:
+    """Give Ray Train's placement-group watcher (detached, so it outlives the trainer) the
+    moment it needs to see its controller gone and exit by itself: stopped mid-poll, it
+    prints a traceback."""
+    import time
+
+    from ray.util.state import list_actors
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            alive = list_actors(filters=[("state", "=", "ALIVE"),
+                                         ("class_name", "=", "PlacementGroupCleaner")],
+                                timeout=5, raise_on_missing_output=False)
+        except Exception:  # no State API (no dashboard): nothing to wait for
+            return
+        if not alive:
+            return
+        time.sleep(0.5)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def check_resources(cpus: float, gpus: float, asked: str, fix: str) -> None:
@@ -84,15 +209,19 @@ class Storage:
         return Storage(f"{self.url.rstrip('/')}/{name}", f"{self.path.rstrip('/')}/{name}", self.filesystem)
 
 
-def storage_for(url: str, s3_endpoint: str = "") -> Storage:
-    """`train.storage_path` (empty: ./runs) -> a Storage, unchecked (see `resolve_storage`)."""
+def storage_for(url: str, s3_endpoint: str = "", *, retry_seconds: float | None = None) -> Storage:
+    """`train.storage_path` (empty: ./runs) -> a Storage, unchecked (see `resolve_storage`).
+    On S3, every call Ray makes through it waits out transient failures (an endpoint that
+    blips mid-upload) for up to `retry_seconds` (default: the data layer's) with backoff."""
     url = url or DEFAULT_STORAGE
     if url.startswith("s3://"):
         import pyarrow.fs
 
-        from vaegan.data.storage import s3_filesystem
+        from vaegan.data.retrying_fs import RetryingFSSpecHandler
+        from vaegan.data.storage import IO_RETRY_SECONDS, s3_filesystem
 
-        fs = pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(s3_filesystem(s3_endpoint)))
+        seconds = IO_RETRY_SECONDS if retry_seconds is None else retry_seconds
+        fs = pyarrow.fs.PyFileSystem(RetryingFSSpecHandler(s3_filesystem(s3_endpoint), seconds, s3_endpoint))
         return Storage(url.rstrip("/"), url[len("s3://"):].rstrip("/"), fs)
     if "://" in url:
         raise ClusterError(f"train.storage_path={url!r}: use a folder or s3://bucket/prefix")
@@ -100,11 +229,12 @@ def storage_for(url: str, s3_endpoint: str = "") -> Storage:
     return Storage(path, path)
 
 
-def resolve_storage(url: str, s3_endpoint: str = "", *, shared: bool = False) -> Storage:
+def resolve_storage(url: str, s3_endpoint: str = "", *, shared: bool = False,
+                    retry_seconds: float | None = None) -> Storage:
     """`train.storage_path` (empty: ./runs) -> a Storage, checked writable. Call it after
     `connect`: a local folder on a cluster of several nodes is refused unless `shared` says
     every node mounts it, and then a probe proves that every node sees the same files."""
-    storage = storage_for(url, s3_endpoint)
+    storage = storage_for(url, s3_endpoint, retry_seconds=retry_seconds)
     if storage.filesystem is not None:
         probe = f"{storage.path}/.vaegan-write-probe"
         try:
@@ -164,3 +294,138 @@ def _check_local_storage_reaches_every_node(path: str, shared: bool) -> None:
         raise ClusterError(f"train.shared_storage=true, but {len(missing)} of {len(nodes)} Ray nodes do not "
                            f"see the files in {path} (nodes {', '.join(m[:12] for m in missing)}): "
                            "checkpoints must be on storage every node reaches; use s3://bucket/prefix")
+
+
+# ---------------------------------------------------------------------------------------
+# One run per name: two drivers training under one name would share its storage folder and
+# delete each other's checkpoints.
+
+LEASE = ".vaegan-lease.json"
+
+
+class RunLeaseError(ClusterError):
+    """The run's name is held by another live run; the message names it."""
+
+
+def _warn(message: str) -> None:
+    print(f"[vaegan] warning: {message}", file=sys.stderr, flush=True)
+
+
+def _job_id() -> str:
+    """The Ray job submission id inside `ray job submit`, else the Ray driver's job id."""
+    if os.environ.get("RAY_JOB_SUBMISSION_ID"):
+        return os.environ["RAY_JOB_SUBMISSION_ID"]
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return f"ray-job-{ray.get_runtime_context().get_job_id()}"
+    except Exception:  # the id only decorates the lease
+        pass
+    return "(no Ray job)"
+
+
+class RunLease:
+    """A lease on `name` in its storage folder: `{storage}/{name}/.vaegan-lease.json`, holding
+    the owner (job, host, pid, start time) and when it was last renewed.
+
+    `acquire` refuses (RunLeaseError) a lease renewed within its ttl by another owner, takes
+    over an older one (its driver died without releasing it), writes its own, reads it back
+    after a moment (of two drivers starting together, the last writer wins and the other is
+    refused), and renews it from a thread every ttl/3 s; `release` removes it. Staleness is
+    judged by the wall clocks of the hosts, so they must agree to well within the ttl (NTP).
+    Works on folders and on S3 (a PUT replaces an object whole).
+    """
+
+    def __init__(self, storage: Storage, name: str, ttl_s: float):
+        run = storage.child(name)
+        self.url, self.path = f"{run.url}/{LEASE}", f"{run.path}/{LEASE}"
+        self.local = storage.filesystem is None
+        self.fs = storage.filesystem.handler.fs if storage.filesystem is not None else None
+        self.name, self.ttl_s = name, ttl_s
+        self.owner = {"token": uuid.uuid4().hex, "job": _job_id(), "host": socket.gethostname(),
+                      "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def read(self) -> dict | None:
+        """The lease as stored; None when there is none (or it is unreadable: a lease is
+        replaced whole, so that is not another live run's)."""
+        try:
+            raw = Path(self.path).read_bytes() if self.local else self.fs.cat_file(self.path)
+            held = json.loads(raw)
+            return held if isinstance(held, dict) else None
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            _warn(f"run lease {self.url} is unreadable; replacing it")
+            return None
+
+    def _write(self) -> None:
+        body = json.dumps({**self.owner, "renewed": time.time(), "ttl_s": self.ttl_s}, indent=1).encode()
+        if self.fs is not None:
+            self.fs.pipe_file(self.path, body)
+            return
+        path = Path(self.path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{LEASE}.{self.owner['token']}")
+        tmp.write_bytes(body)
+        os.replace(tmp, path)  # readers see the old lease or the new one, never half of one
+
+    def _refusal(self, held: dict) -> RunLeaseError:
+        age = time.time() - float(held.get("renewed", 0))
+        return RunLeaseError(
+            f"train.name={self.name} is already running: job {held.get('job')} on host {held.get('host')} "
+            f"(pid {held.get('pid')}, started {held.get('started')}), whose lease {self.url} was renewed "
+            f"{age:.0f} s ago. Wait for it to finish or stop it, or choose another train.name; a lease "
+            f"not renewed for {float(held.get('ttl_s', self.ttl_s)):.0f} s is taken over")
+
+    def acquire(self, settle_s: float = 0.5) -> RunLease:
+        held = self.read()
+        if held and held.get("token") != self.owner["token"]:
+            age = time.time() - float(held.get("renewed", 0))
+            if age <= float(held.get("ttl_s", self.ttl_s)):
+                raise self._refusal(held)
+            _warn(f"taking over the lease on train.name={self.name} from job {held.get('job')} on host "
+                  f"{held.get('host')} (pid {held.get('pid')}): not renewed for {age:.0f} s, so that run "
+                  "is gone")
+        self._write()
+        time.sleep(settle_s)
+        held = self.read()
+        if not held or held.get("token") != self.owner["token"]:
+            raise self._refusal(held or {})
+        self._thread = threading.Thread(target=self._renew, name=f"vaegan-lease-{self.name}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            try:
+                held = self.read()
+                if held and held.get("token") != self.owner["token"]:
+                    _warn(f"the lease on train.name={self.name} was taken over by job {held.get('job')} on "
+                          f"host {held.get('host')} (this driver did not renew it for {self.ttl_s:.0f} s)")
+                    return
+                self._write()
+            except Exception as e:  # storage blips: try again at the next renewal
+                _warn(f"could not renew the lease {self.url} ({type(e).__name__}: {e}); retrying")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        try:
+            held = self.read()
+            if held and held.get("token") == self.owner["token"]:
+                if self.local:
+                    Path(self.path).unlink(missing_ok=True)
+                else:
+                    self.fs.rm_file(self.path)
+        except Exception as e:  # a lease left behind goes stale after its ttl
+            _warn(f"could not remove the lease {self.url} ({type(e).__name__}: {e})")
+
+    def __enter__(self) -> RunLease:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from vaegan.config import load_config
+from vaegan.config import load_config, redact_text
 
 DEMO_OVERRIDES = ["train.num_workers=2"]
 
@@ -37,9 +37,9 @@ def run_demo(out: str | Path = "outputs/demo-samples.png") -> None:
                   f"{metrics['eval_recognisable_p50']:.1%} with p > 0.5\n"
                   f"               FID samples {metrics['eval_fid_samples']:.3g}, reconstructions "
                   f"{metrics['eval_fid_recon']:.3g}; reconstruction SSIM {metrics['eval_ssim_recon']:.3f}")
-    print(f"\n[vaegan] demo finished in {time.time() - t0:.0f} s\n"
-          f"  samples:     {out}\n"
-          f"  model:       {res.model_uri}\n"
-          f"  evaluation:  {scores}\n"
-          f"  checkpoints: {res.storage}\n"
-          f"  MLflow UI:   mlflow ui --backend-store-uri {res.tracking_uri}")
+    print(redact_text(f"\n[vaegan] demo finished in {time.time() - t0:.0f} s\n"
+                      f"  samples:     {out}\n"
+                      f"  model:       {res.model_uri}\n"
+                      f"  evaluation:  {scores}\n"
+                      f"  checkpoints: {res.storage}\n"
+                      f"  MLflow UI:   mlflow ui --backend-store-uri {res.tracking_uri}"))

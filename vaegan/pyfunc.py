@@ -3,7 +3,9 @@
 A registered vaegan model is an MLflow pyfunc model, because `mlflow.pytorch.log_model` would
 export a graph with only `forward` (docs/platform.md#mlflow). Its artifacts are the plain
 files of a model folder (vaegan.artifact), and the vaegan package travels with it
-(`code_paths`), so serving needs no install.
+(`code_paths`), so serving needs no install. It is logged as code (MLflow's models-from-code:
+`MODEL_CODE`, a file that calls `mlflow.models.set_model`), not as a pickled instance, so
+loading it unpickles nothing; versions pickled before (`python_model.pkl`) still load.
 
 predict / REST. The input is one float32 tensor of rank 4, the op and its options are params:
 
@@ -18,14 +20,17 @@ predict / REST. The input is one float32 tensor of rank 4, the op and its option
     curl -X POST http://HOST:PORT/invocations -H 'Content-Type: application/json' \\
          -d '{"inputs": [[[[0.0]]]], "params": {"op": "sample", "n": 4, "seed": 1}}'
 
-Requests are capped (MAX_SAMPLES samples, MAX_IMAGES images, MAX_STEPS steps); bad input is
-an MlflowException with INVALID_PARAMETER_VALUE, which the scoring server answers with a 400
-and the message.
+Requests are capped (MAX_SAMPLES samples, MAX_IMAGES images, MAX_STEPS steps, and the output's
+size: at most $VAEGAN_MAX_OUTPUT_VALUES numbers, default MAX_OUTPUT_VALUES, counted before
+anything runs); bad input is an MlflowException with INVALID_PARAMETER_VALUE, which the
+scoring server answers with a 400 and the message. `vaegan models serve` (vaegan.serve) also
+caps the request body.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -40,7 +45,15 @@ OPS = ("reconstruct", "sample", "encode", "decode", "edit", "interpolate")
 MAX_SAMPLES = 1024  # op=sample: n per request
 MAX_IMAGES = 256  # images (or z rows) per request
 MAX_STEPS = 64  # op=interpolate: steps per request
+MAX_OUTPUT_VALUES = 4 * 1024 * 1024
+"""Numbers one request may ask for (samples x channels x pixels): 341 RGB 64x64 images or
+4,096 grey 32x32 ones, 16 MiB as float32 and ~80 MB as the JSON answer (the serving pod has
+4-8 GiB). Sized so the largest image batch allowed (MAX_IMAGES RGB 64x64, 3.1M numbers)
+still fits; a sample request is capped by it before MAX_SAMPLES at 64x64."""
+MAX_OUTPUT_ENV = "VAEGAN_MAX_OUTPUT_VALUES"  # overrides MAX_OUTPUT_VALUES where a model is loaded
 DEVICE_ENV = "VAEGAN_DEVICE"  # where a loaded pyfunc runs: auto (default) | cpu | cuda[:i]
+MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
+"""The file a vaegan pyfunc is logged as (models-from-code): it builds a `VAEGANPyfunc`."""
 
 
 def _int_param(params: dict, key: str, default: int, lo: int, hi: int) -> int:
@@ -58,8 +71,31 @@ def _int_param(params: dict, key: str, default: int, lo: int, hi: int) -> int:
     return as_int
 
 
-def predict_op(model: VAEGANModel, model_input: Any, params: dict | None) -> np.ndarray | dict:
-    """One request: the op in params["op"] on the rank-4 float input (module docstring)."""
+def output_limit() -> int:
+    """$VAEGAN_MAX_OUTPUT_VALUES, else MAX_OUTPUT_VALUES."""
+    raw = os.environ.get(MAX_OUTPUT_ENV, "")
+    if not raw:
+        return MAX_OUTPUT_VALUES
+    if not raw.isdigit() or int(raw) < 1:
+        raise ModelError(f"{MAX_OUTPUT_ENV}={raw!r} is not allowed; it must be an integer >= 1")
+    return int(raw)
+
+
+def _check_output(model: VAEGANModel, op: str, rows: int, limit: int) -> None:
+    """Refuse a request whose answer would hold more than `limit` numbers, before computing it
+    (the answer is built in memory and then again as JSON)."""
+    per_row = 2 * model.latent_dim if op == "encode" else model.channels * model.image_size ** 2
+    if rows * per_row > limit:
+        what = "rows" if op == "encode" else "images"
+        raise ModelError(f"op={op}: {rows} {what} x {per_row:,} numbers = {rows * per_row:,} output values, "
+                         f"more than the {limit:,} allowed per request; ask for at most "
+                         f"{max(limit // per_row, 0)} {what}")
+
+
+def predict_op(model: VAEGANModel, model_input: Any, params: dict | None,
+               max_output_values: int = MAX_OUTPUT_VALUES) -> np.ndarray | dict:
+    """One request: the op in params["op"] on the rank-4 float input (module docstring); a
+    request whose output would exceed `max_output_values` numbers is refused first."""
     params = params or {}
     op = params.get("op") or "reconstruct"
     if op not in OPS:
@@ -67,6 +103,7 @@ def predict_op(model: VAEGANModel, model_input: Any, params: dict | None) -> np.
     if op == "sample":
         n = _int_param(params, "n", 16, 1, MAX_SAMPLES)
         seed = _int_param(params, "seed", -1, -1, 2**63 - 1)
+        _check_output(model, op, n, max_output_values)
         return _out(model.sample(n, seed=None if seed < 0 else seed))
     try:
         x = np.asarray(model_input, dtype=np.float32)
@@ -74,6 +111,8 @@ def predict_op(model: VAEGANModel, model_input: Any, params: dict | None) -> np.
         raise ModelError(f"op={op}: the input must be a rank-4 array of numbers ({e})") from None
     if x.ndim >= 1 and len(x) > MAX_IMAGES:
         raise ModelError(f"op={op}: {len(x)} rows in one request; at most {MAX_IMAGES} are allowed")
+    if op != "interpolate" and x.ndim >= 1:
+        _check_output(model, op, len(x), max_output_values)
     if op == "decode":
         L = model.latent_dim
         if x.ndim == 4 and x.shape[1:] == (L, 1, 1):
@@ -98,6 +137,7 @@ def predict_op(model: VAEGANModel, model_input: Any, params: dict | None) -> np.
     steps = _int_param(params, "steps", 8, 2, MAX_STEPS)
     if len(x) != 2:
         raise ModelError(f"op=interpolate takes exactly 2 images (a and b); got {len(x)}")
+    _check_output(model, op, steps, max_output_values)
     return _out(model.interpolate(x[:1], x[1:], steps=steps))
 
 
@@ -111,16 +151,18 @@ class VAEGANPyfunc(mlflow.pyfunc.PythonModel):
     # MLflow would wrap predict for type-hint validation (and warn that it has none): the
     # signature and predict_op check the input instead.
     _skip_type_hint_validation = True
+    max_output_values = MAX_OUTPUT_VALUES
 
     def load_context(self, context) -> None:
         self.model = load_files(context.artifacts, device=os.environ.get(DEVICE_ENV, "auto"))
+        self.max_output_values = output_limit()
 
     def predict(self, context, model_input, params: dict | None = None):
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
         try:
-            return predict_op(self.model, model_input, params)
+            return predict_op(self.model, model_input, params, self.max_output_values)
         except ModelError as e:  # the scoring server answers this with a 400 and the message
             raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
 
@@ -139,6 +181,13 @@ def signature():
             ParamSpec("seed", "long", -1), ParamSpec("attributes", "string", ""),
             ParamSpec("steps", "long", 8)]),
     )
+
+
+def input_example(model: VAEGANModel) -> tuple[np.ndarray, dict]:
+    """One blank image of the model's shape and op=reconstruct: what MLflow stores as the
+    model's input example (and its serving_input_example.json, a ready REST body)."""
+    return (np.zeros((1, model.channels, model.image_size, model.image_size), np.float32),
+            {"op": "reconstruct"})
 
 
 def pip_requirements() -> list[str]:

@@ -29,22 +29,40 @@ from vaegan.inference import VAEGANModel, load_files, load_folder, resolve_devic
 
 # Versions registered before vaegan.pyfunc existed pickled this class path: keep it loadable.
 from vaegan.pyfunc import VAEGANPyfunc  # noqa: F401
-from vaegan.tracking import check_reachable, log_folder_model, start_run_by_id
+from vaegan.tracking import check_reachable, log_folder_model, retry, start_run_by_id
 
 
 class PromotionError(ModelError):
     """A promotion refused: the challenger is worse, or cannot be compared (see --force)."""
 
 
-def register(model_uri: str, name: str, alias: str | None = None) -> str:
+def register(model_uri: str, name: str, alias: str | None = None, retry_seconds: float = 0.0) -> str:
     """Register a logged model under `name` as a new version; point `alias` at it if given.
 
     No alias is needed for "latest": MLflow reserves that name, and `models:/NAME/latest`
     always resolves to the newest version, which this one now is.
+
+    An unreachable server is retried for `retry_seconds` (the end of training: MLflow may be
+    restarting); a retry first looks for a version of this model that an earlier try made
+    but whose answer was lost, so a retry never makes a second version.
     """
-    version = mlflow.register_model(model_uri, name)
+    tries = 0
+
+    def register_once():
+        nonlocal tries
+        tries += 1
+        if tries > 1:
+            for v in mlflow.MlflowClient().search_model_versions(f"name='{_q(name)}'"):
+                if model_uri in (v.source, f"models:/{getattr(v, 'model_id', None)}"):
+                    return v
+        return mlflow.register_model(model_uri, name)
+
+    uri = mlflow.get_tracking_uri()
+    version = retry(register_once, seconds=retry_seconds, what=f"registering {model_uri} as {name!r}",
+                    uri=uri)
     if alias:
-        mlflow.MlflowClient().set_registered_model_alias(name, alias, version.version)
+        retry(lambda: mlflow.MlflowClient().set_registered_model_alias(name, alias, version.version),
+              seconds=retry_seconds, what=f"setting alias {alias!r} of {name!r}", uri=uri)
         return f"models:/{name}@{alias}"
     return f"models:/{name}/latest"
 

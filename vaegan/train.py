@@ -6,13 +6,20 @@
                                 images and checkpoints (rank 0 tracks and writes)
 
 A run is named (`train.name`); starting a run with the name of an earlier one resumes it
-from its latest checkpoint at exactly that step, in the same MLflow run.
+from its newest complete checkpoint at exactly that step, in the same MLflow run, and a
+name that is running is refused (a lease, `cluster.RunLease`). Faults survived: a worker
+killed (Ray restarts the group; steps redone are not logged twice, the final model is
+registered once), a non-finite loss on any rank (every rank rolls back in place with a
+lower learning rate, up to train.max_rollbacks), a torn checkpoint or Ray index (skipped,
+set aside). docs/operations.md#failure-modes lists them.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -23,12 +30,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from vaegan.artifact import WEIGHTS
-from vaegan.checkpoint import TrainState, load_trainer_state, read_state, save_checkpoint
-from vaegan.config import Config, config_from_dict
+from vaegan.checkpoint import (
+    TrainState,
+    check_complete,
+    load_trainer_state,
+    non_finite_tensors,
+    read_state,
+    save_checkpoint,
+)
+from vaegan.config import Config, config_from_dict, redact_text
 from vaegan.errors import UserError
 from vaegan.images import grid_image
 from vaegan.losses import StepMetrics
 from vaegan.model import VAEGAN
+from vaegan.step import NonFiniteLossError
 
 if TYPE_CHECKING:
     from vaegan.cluster import Storage
@@ -36,6 +51,14 @@ if TYPE_CHECKING:
 # Fault injection for tests and drills: "STEP:MARKER_PATH" makes rank 0 fail once, right
 # after finishing STEP, unless MARKER_PATH exists (it is created when the fault fires).
 FAULT_ENV = "VAEGAN_FAULT_AT_STEP"
+# "RANK:STEP:MARKER[,RANK:STEP:MARKER...]": that rank's worker process SIGKILLs itself once,
+# right after step STEP's report (so after its checkpoint, and at the last step before the
+# final model is registered).
+KILL_ENV = "VAEGAN_FAULT_KILL"
+# "RANK:STEP:MARKER[,...]": that rank trains step STEP on an all-NaN batch, once (divergence).
+NAN_ENV = "VAEGAN_FAULT_NAN"
+STEP_TAG = "vaegan.step"  # on a registered version: the training step of its weights
+RAY_INDEX = "checkpoint_manager_snapshot.json"  # Ray Train's list of a run's checkpoints
 NODE_TAG = "vaegan.node"  # MLflow run tags vaegan.node.rankR: the Ray node each rank ran on
 
 
@@ -79,10 +102,11 @@ def quiet_ray_train_reports() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)  # its logger's name
 
 
-def noise_seed(seed: int, rank: int, step: int) -> int:
+def noise_seed(seed: int, rank: int, step: int, rollbacks: int = 0) -> int:
     """The step's noise depends only on (seed, rank, step): a resumed run draws exactly the
-    noise the uninterrupted run would have, with no generator state to save."""
-    return (seed * 1_000_003 + rank) * 1_000_033 + step
+    noise the uninterrupted run would have, with no generator state to save. A rollback
+    changes it, so the retried steps draw other noise."""
+    return (seed * 1_000_003 + rank) * 1_000_033 + step + rollbacks * 998_244_353
 
 
 @torch.no_grad()
@@ -114,19 +138,31 @@ class Worker:
     fixed_z: torch.Tensor | None = None  # rank 0: what the sample grid shows, fixed for the run
     real: torch.Tensor | None = None  # rank 0: the held-out images the reconstruction grid shows
     evaluator: _Evaluator | None = None
+    guard: _FiniteGuard | None = None
+    initial_trainer: dict | None = None  # the optimizers before step 1: a rollback with no checkpoint
+    base_lr: tuple[float, float] = (0.0, 0.0)  # optim.lr, optim.lr_final before any rollback
+    logged_through: int = 0  # rank 0: steps whose metrics are in MLflow already (a restart redoes some)
+    tracking_uri: str = ""
+    kills: list = field(default_factory=list)  # fault drills for this rank: (step, marker)
+    nans: list = field(default_factory=list)
 
 
 def train_loop_per_worker(config: dict) -> None:
     """One DDP rank. `config` carries the resolved Config and the driver's resolutions."""
     w = set_up(config)
     announce(w)
+    if w.state.step >= w.cfg.train.steps:  # resumed from the final checkpoint
+        # A crash between the final checkpoint and the registration: report it again (every
+        # rank: a report is a barrier), which registers the model unless this run did already.
+        _report_checkpoint(w, None, True, config.get("register", True))
     loop(w, config)
     w.logger.end()
 
 
 def set_up(config: dict) -> Worker:
-    """The model (resumed from the latest checkpoint, if any), its DDP wrappers, the step,
-    the tracker, and on rank 0 what the image grids and the evaluation look at."""
+    """The model (resumed from the newest complete checkpoint, if any, with the learning rate
+    of its rollbacks), its DDP wrappers, the step and its divergence guard, the tracker, and
+    on rank 0 what the image grids and the evaluation look at."""
     import ray.train
     import ray.train.torch
 
@@ -143,22 +179,38 @@ def set_up(config: dict) -> Worker:
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = VAEGAN(cfg.model).to(device, memory_format=memory_format)
-    state, trainer_state = resume(model, device, TrainState(mlflow_run_id=config["mlflow_run_id"]))
+    state, trainer_state = TrainState(mlflow_run_id=config["mlflow_run_id"]), None
+    found, skipped = newest_complete_checkpoint(rank)
+    if found:
+        state, trainer_state = load_checkpoint_into(model, device, found)
+    base_lr = (cfg.optim.lr, cfg.optim.lr_final)
+    cfg.optim.lr, cfg.optim.lr_final = (lr * state.lr_scale for lr in base_lr)  # earlier rollbacks
     enc, dec, dis = distributed.wrap(model, device, cfg.train.sync_bn)
-    step = TrainStep(enc, dec, dis, cfg, device, mean_across_ranks=distributed.mean)
+    guard = _FiniteGuard(model, device)
+    step = TrainStep(enc, dec, dis, cfg, device, mean_across_ranks=guard.mean_across_ranks)
+    initial_trainer = copy.deepcopy(step.state_dict())
     if trainer_state:
         step.load_state_dict(trainer_state)
     nodes = distributed.gather(node_id())  # every rank takes part; rank 0 records them
     logger = NullLogger()
     if rank == 0:
-        logger = MlflowLogger(config["tracking_uri"], state.mlflow_run_id, cfg.tracking.log_checkpoints)
+        logger = MlflowLogger(config["tracking_uri"], state.mlflow_run_id, cfg.tracking.log_checkpoints,
+                              tracking=cfg.tracking, say=say)
         logger.set_tags({f"{NODE_TAG}.rank{r}": n for r, n in enumerate(nodes)})
-    w = Worker(cfg, rank, world, device, memory_format, model, step, state, logger)
+        if found or skipped:
+            logger.set_tags({"vaegan.resumed_from": f"step {state.step} ({Path(found).name})" if found
+                             else "step 0 (no complete checkpoint)",
+                             "vaegan.skipped_checkpoints": "; ".join(skipped) or "(none)"})
+    w = Worker(cfg, rank, world, device, memory_format, model, step, state, logger, guard=guard,
+               initial_trainer=initial_trainer, base_lr=base_lr, tracking_uri=config["tracking_uri"],
+               kills=_faults(config.get("faults", {}).get(KILL_ENV, ""), rank),
+               nans=_faults(config.get("faults", {}).get(NAN_ENV, ""), rank))
     if rank == 0:
+        w.logged_through = _last_logged_step(w.tracking_uri, state.mlflow_run_id)
         from vaegan.data import read_split
 
         held_out = read_split(cfg.data.shards, max(16, cfg.train.eval_images),
-                              s3_endpoint=cfg.data.s3_endpoint)
+                              s3_endpoint=cfg.data.s3_endpoint, io_retry_seconds=cfg.data.io_retry_seconds)
         fixed_z = torch.randn(64, cfg.model.latent_dim, generator=torch.Generator().manual_seed(1234))
         w.fixed_z = fixed_z.to(device)
         w.real = held_out[:16].to(device)
@@ -167,17 +219,67 @@ def set_up(config: dict) -> Worker:
     return w
 
 
-def resume(model: VAEGAN, device: torch.device, state: TrainState) -> tuple[TrainState, dict | None]:
-    """Weights into `model`, and (train state, optimizer states) from Ray's latest checkpoint;
-    `state` and None when the run starts fresh."""
+def newest_complete_checkpoint(rank: int) -> tuple[str | None, list[str]]:
+    """The newest complete checkpoint folder of this run in its storage (None: none), and the
+    newer incomplete ones skipped, each with what is wrong. Rank 0 looks, with a warning line
+    per skipped folder; every rank gets its answer (all must load the same one).
+
+    Not Ray's `get_checkpoint()`: that is the last one reported, complete or not (a torn
+    model.pt crash-looped every restart), and None when Ray's index was set aside."""
+    from vaegan import distributed
+
+    found, skipped = None, []
+    if rank == 0:
+        import ray.train
+
+        fs, folders = _checkpoint_folders()
+        for path in folders:
+            with ray.train.Checkpoint(path, filesystem=fs).as_directory() as d:  # S3: a download
+                problem = check_complete(d)
+            if not problem:
+                found = path
+                break
+            skipped.append(f"{Path(path).name}: {problem}")
+            say(f"[vaegan] warning: skipping incomplete checkpoint {path}: {problem}")
+    return distributed.gather((found, skipped))[0]
+
+
+def _checkpoint_folders() -> tuple[Any, list[str]]:
+    """(the storage filesystem, this run's checkpoint folders newest first): Ray names them
+    checkpoint_<timestamp>, so the names sort in time."""
+    import pyarrow.fs
     import ray.train
 
-    checkpoint = ray.train.get_checkpoint()
-    if not checkpoint:
-        return state, None
-    with checkpoint.as_directory() as d:
+    storage = ray.train.get_context().get_storage()
+    fs = storage.storage_filesystem
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(storage.experiment_fs_path, allow_not_found=True))
+    names = [i.path for i in infos
+             if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_")]
+    return fs, sorted(names, reverse=True)
+
+
+def load_checkpoint_into(model: VAEGAN, device: torch.device, path: str) -> tuple[TrainState, dict | None]:
+    """Weights into `model` from the checkpoint folder at `path` (in the run's storage);
+    -> (its train state, its optimizer states)."""
+    import ray.train
+
+    fs = ray.train.get_context().get_storage().storage_filesystem
+    with ray.train.Checkpoint(path, filesystem=fs).as_directory() as d:
         model.load_state_dict(torch.load(Path(d) / WEIGHTS, map_location=device, weights_only=True))
         return read_state(d), load_trainer_state(d)
+
+
+def _last_logged_step(uri: str, run_id: str) -> int:
+    """The last step whose metrics the MLflow run holds: a restarted run redoes the steps
+    since its checkpoint, and logs only those after this one."""
+    import mlflow
+
+    try:
+        return max((m.step for m in mlflow.MlflowClient(uri).get_metric_history(run_id, "loss")), default=0)
+    except Exception as e:  # MLflow away: training goes on; the redone steps may be logged twice
+        say(f"[vaegan] warning: could not read the last logged step from MLflow ({type(e).__name__}); "
+            "steps redone since the checkpoint may be logged twice")
+        return 0
 
 
 def announce(w: Worker) -> None:
@@ -196,18 +298,31 @@ def loop(w: Worker, config: dict) -> None:
     number of steps and reports (a report is a barrier, and DDP needs the same backwards)."""
     from vaegan.data import make_loader
 
-    cfg, T, state = w.cfg, w.cfg.train, w.state
+    cfg, T = w.cfg, w.cfg.train
     loader_kw = dict(batch_size=cfg.data.batch_size, rank=w.rank, world_size=w.world,
                      loader_workers=cfg.data.loader_workers, shuffle_buffer=cfg.data.shuffle_buffer,
-                     flip=cfg.data.flip, seed=T.seed, s3_endpoint=cfg.data.s3_endpoint,
-                     max_corrupt_fraction=cfg.data.max_corrupt_fraction)
-    progress = Progress(state.step, T.steps)
-    while state.step < T.steps:
-        loader = make_loader(cfg.data.shards, epoch=state.epoch, start_batch=state.batch, **loader_kw)
+                     flip=cfg.data.flip, s3_endpoint=cfg.data.s3_endpoint,
+                     max_corrupt_fraction=cfg.data.max_corrupt_fraction,
+                     io_retry_seconds=cfg.data.io_retry_seconds)
+    progress = Progress(w.state.step, T.steps)
+    while w.state.step < T.steps:
+        state = w.state  # a rollback replaces it
+        # After a rollback the data order and the noise change too, so the retried steps
+        # do not walk into the same NaN (rollbacks=0: exactly the uninterrupted run's).
+        loader = make_loader(cfg.data.shards, epoch=state.epoch, start_batch=state.batch,
+                             seed=T.seed + 7919 * state.rollbacks, **loader_kw)
         for images in loader:
             images = images.to(w.device, memory_format=w.memory_format, non_blocking=True)
-            w.step.generator.manual_seed(noise_seed(T.seed, w.rank, state.step))
-            progress.window.append(w.step(images))
+            if _fires(w.nans, state.step + 1):  # fault drill
+                images = torch.full_like(images, float("nan"))
+            w.step.generator.manual_seed(noise_seed(T.seed, w.rank, state.step, state.rollbacks))
+            try:
+                progress.window.append(w.step(images))
+                if (state.step + 1) % T.checkpoint_every == 0 or state.step + 1 >= T.steps:
+                    w.guard.check_weights(w.model)  # a checkpoint never holds NaN
+            except Divergence as e:  # raised on every rank at the same point
+                roll_back(w, progress, e)
+                break
             state.step += 1
             state.batch += 1
             if w.rank == 0 and config.get("fault"):
@@ -217,6 +332,85 @@ def loop(w: Worker, config: dict) -> None:
                 break
         else:  # the epoch ran out before the steps did
             state.epoch, state.batch = state.epoch + 1, 0
+
+
+class Divergence(NonFiniteLossError):
+    """Non-finite values on some rank, raised on every rank at the same point of the same
+    step, before any gradient is exchanged, so that all ranks roll back together."""
+
+
+class _FiniteGuard:
+    """Watches this rank's networks for non-finite outputs (forward hooks, in training mode)
+    and folds the verdict into the one collective the step makes before its backward passes
+    (the averaging of the equilibrium costs, `mean_across_ranks`): if any rank saw NaN or
+    inf, every rank raises Divergence there.
+
+    The step's own check of the loss terms comes after that collective, on each rank alone:
+    a term that overflows while every network output is finite still raises on one rank
+    only, and Ray restarts the worker group from the last checkpoint (train.max_failures)."""
+
+    def __init__(self, model: VAEGAN, device: torch.device):
+        self.device = device
+        self.bad = torch.zeros((), device=device)
+        for net in (model.encoder, model.decoder, model.discriminator):
+            net.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output) -> None:
+        if not module.training:  # image grids, evaluation: not the step
+            return
+        for out in output if isinstance(output, tuple | list) else (output,):
+            if torch.is_tensor(out) and out.is_floating_point():  # no host sync here
+                self.bad = self.bad + (~torch.isfinite(out.detach())).any()
+
+    def mean_across_ranks(self, costs: torch.Tensor) -> torch.Tensor:
+        from vaegan import distributed
+
+        both = torch.cat([costs.float(), self.bad.reshape(1).to(costs.device, torch.float32)])
+        self.bad = torch.zeros((), device=self.device)
+        both = distributed.mean(both)
+        if not bool(torch.isfinite(both).all()) or both[-1].item() > 0:
+            raise Divergence("non-finite values in a forward pass")
+        return both[:-1].to(costs.dtype)
+
+    def check_weights(self, model: VAEGAN) -> None:
+        from vaegan import distributed
+
+        bad = torch.tensor([float(bool(non_finite_tensors(model)))], device=self.device)
+        if distributed.total(bad).item() > 0:
+            raise Divergence("non-finite weights before a checkpoint")
+
+
+def roll_back(w: Worker, progress: Progress, err: Divergence) -> None:
+    """Every rank: back to the newest complete checkpoint (or the initial weights), with the
+    learning rate multiplied by train.rollback_lr_factor; recorded as the `rollbacks` and
+    `lr` metrics and a `vaegan.rollback.N` tag. One more than train.max_rollbacks stops the
+    run with a TrainError."""
+    T, old = w.cfg.train, w.state
+    at = old.step + 1
+    if old.rollbacks >= T.max_rollbacks:
+        raise TrainError(f"training diverged at step {at} ({err}) after {old.rollbacks} rollback(s), and "
+                         f"train.max_rollbacks={T.max_rollbacks}: lower optim.lr (now {w.cfg.optim.lr:g}) or "
+                         "loss.gamma, or allow more rollbacks")
+    found, _ = newest_complete_checkpoint(w.rank)
+    if found:
+        state, trainer_state = load_checkpoint_into(w.model, w.device, found)
+    else:  # diverged before the first checkpoint: start over from the initial weights
+        torch.manual_seed(T.seed)
+        w.model.load_state_dict(VAEGAN(w.cfg.model).state_dict())
+        state, trainer_state = TrainState(mlflow_run_id=old.mlflow_run_id), w.initial_trainer
+    state.rollbacks, state.lr_scale = old.rollbacks + 1, old.lr_scale * T.rollback_lr_factor
+    w.cfg.optim.lr, w.cfg.optim.lr_final = (lr * state.lr_scale for lr in w.base_lr)
+    w.step.load_state_dict(trainer_state)
+    for opt in w.step.optimizers.values():
+        for group in opt.param_groups:
+            group["lr"] = w.cfg.optim.lr  # an annealed lr is set again from the config each step
+    w.state = state
+    progress.window, progress.t_window = [], time.time()
+    note = (f"step {at} -> step {state.step}, lr x{T.rollback_lr_factor:g} = {w.cfg.optim.lr:g} ({err})")
+    w.logger.log_metrics({"rollbacks": float(state.rollbacks), "lr": w.cfg.optim.lr}, at)
+    w.logger.set_tags({f"vaegan.rollback.{state.rollbacks}": note})
+    if w.rank == 0:
+        say(f"[vaegan] rollback {state.rollbacks}/{T.max_rollbacks}: diverged at {note}")
 
 
 @dataclass
@@ -239,6 +433,7 @@ def report(w: Worker, progress: Progress, loader, register: bool) -> None:
     T, step = w.cfg.train, w.state.step
     last = step >= T.steps
     eval_due = T.eval_every and (step % T.eval_every == 0 or last)
+    fresh = step > w.logged_through  # a restart or a rollback redoes steps that MLflow holds
     metrics = None
     if step % T.log_every == 0 or last or eval_due:
         metrics = _window_metrics(progress.window, time.time() - progress.t_window, w.cfg.data.batch_size,
@@ -246,10 +441,12 @@ def report(w: Worker, progress: Progress, loader, register: bool) -> None:
         if w.evaluator and eval_due:  # rank 0 only; the others wait at the report below
             metrics.update(w.evaluator())
         progress.window, progress.t_window = [], time.time()
-        w.logger.log_metrics(metrics, step)
+        if fresh:
+            w.logger.log_metrics(metrics, step)
+            w.logged_through = step
         if w.rank == 0:
             _print_progress(step, T.steps, metrics, progress.start_step, progress.t_start)
-    if w.rank == 0 and (step % T.image_every == 0 or last):
+    if w.rank == 0 and (step % T.image_every == 0 or last) and fresh:
         samples, recons = image_grids(w.model, w.fixed_z, w.real)
         w.logger.log_image(samples, "samples", step)
         w.logger.log_image(recons, "reconstructions", step)
@@ -257,6 +454,7 @@ def report(w: Worker, progress: Progress, loader, register: bool) -> None:
         _report_checkpoint(w, metrics, last, register)
     elif metrics is not None:  # a barrier on every rank; reaches Tune too (with its step)
         ray.train.report({**metrics, "step": step})
+    _maybe_kill(w)
 
 
 class _Evaluator:
@@ -274,6 +472,31 @@ class _Evaluator:
         from vaegan.evaluate import evaluate_model
 
         return evaluate_model(self.model, self.real, self.featurizer, n=self.n).as_metrics()
+
+
+def _faults(spec: str, rank: int) -> list[tuple[int, Path]]:
+    """(step, marker) of each "RANK:STEP:MARKER" in `spec` (comma-separated) for `rank`."""
+    out = []
+    for item in filter(None, spec.split(",")):
+        r, at, marker = item.split(":", 2)
+        if int(r) == rank:
+            out.append((int(at), Path(marker)))
+    return out
+
+
+def _fires(faults: list[tuple[int, Path]], step: int) -> bool:
+    """Whether a fault is due at `step` and has not fired yet (its marker file is created)."""
+    for at, marker in faults:
+        if at == step and not marker.exists():
+            marker.touch()
+            return True
+    return False
+
+
+def _maybe_kill(w: Worker) -> None:
+    if _fires(w.kills, w.state.step):
+        say(f"[vaegan] fault drill: SIGKILL of rank {w.rank} after step {w.state.step} ({KILL_ENV})")
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _maybe_fail(fault: str, step: int) -> None:
@@ -325,14 +548,47 @@ def _report_checkpoint(w: Worker, metrics: dict | None, last: bool, register: bo
         path = save_checkpoint(tmp / f"step-{w.state.step:07d}", w.model, w.cfg, w.state, w.step.state_dict())
         ray.train.report({**metrics, "step": w.state.step},
                          checkpoint=ray.train.Checkpoint.from_directory(str(path)))
-        w.logger.log_checkpoint(path, w.state.step)
-        if last and register:
+        # MLflow keeps the final model and the best checkpoint by tracking.best_metric; the
+        # final one is logged (and registered) once per run and step
+        final = last and register and not _run_versions(w, at_step=True)
+        w.logger.log_checkpoint(path, w.state.step, metrics, final=final)
+        _maybe_kill(w)  # fault drills: a death between the final checkpoint and the registration
+        if final:
             from vaegan.registry import register as register_model
 
-            uri = register_model(w.logger.log_final_model(path, w.state.step), w.cfg.tracking.model_name)
+            uri = register_model(w.logger.log_final_model(path, w.state.step, metrics),
+                                 w.cfg.tracking.model_name,
+                                 retry_seconds=w.logger.grace_left())  # MLflow may be restarting
+            _tag_step(w)
             say(f"[vaegan] registered {uri}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run_versions(w: Worker, at_step: bool = False) -> list:
+    """The versions of tracking.model_name that this MLflow run registered (`at_step`: of
+    this step's weights, by their STEP_TAG). A run restarted after its final checkpoint
+    reports it again; this keeps that from registering a second version."""
+    import mlflow
+
+    from vaegan.tracking import retry
+
+    name = w.cfg.tracking.model_name.replace("'", "\\'")
+    versions = retry(lambda: mlflow.MlflowClient(w.tracking_uri).search_model_versions(
+        f"name='{name}' and run_id='{w.state.mlflow_run_id}'"), seconds=w.logger.grace_left(),
+        what=f"looking up the versions of {name!r} this run registered", uri=w.tracking_uri)
+    return [v for v in versions if not at_step or v.tags.get(STEP_TAG) == str(w.state.step)]
+
+
+def _tag_step(w: Worker) -> None:
+    import mlflow
+
+    from vaegan.tracking import retry
+
+    v = max(_run_versions(w), key=lambda v: int(v.version))
+    retry(lambda: mlflow.MlflowClient(w.tracking_uri).set_model_version_tag(
+        v.name, v.version, STEP_TAG, str(w.state.step)), seconds=w.logger.grace_left(),
+        what=f"tagging version {v.version} of {v.name!r}", uri=w.tracking_uri)
 
 
 # ---------------------------------------------------------------------------------------
@@ -379,7 +635,8 @@ def resolve_featurizer(cfg: Config) -> str:
     name = f"{manifest['source']}-{manifest['image_size']}px-{manifest['channels']}ch".replace(":", "-")
     out = Path("data/featurizers").resolve() / name
     if not (out / "featurizer.json").is_file():
-        print(f"[vaegan] training an evaluation featurizer on {cfg.data.shards} -> {out}", flush=True)
+        print(redact_text(f"[vaegan] training an evaluation featurizer on {cfg.data.shards} -> {out}"),
+              flush=True)
         attrs = manifest["attributes"]
         train_featurizer(cfg.data.shards, attrs[0] if len(attrs) == 1 else "all", out)
     return str(out)
@@ -398,7 +655,8 @@ def build_trainer(cfg: Config, run_id: str, uri: str, featurizer: str, storage: 
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "mlflow_run_id": run_id, "tracking_uri": uri,
                            "fault": os.environ.get(FAULT_ENV, ""), "featurizer": featurizer,
-                           "register": register},
+                           "register": register,
+                           "faults": {k: os.environ[k] for k in (KILL_ENV, NAN_ENV) if os.environ.get(k)}},
         scaling_config=ScalingConfig(num_workers=T.num_workers, use_gpu=T.use_gpu,
                                      resources_per_worker={"CPU": T.cpus_per_worker}),
         run_config=RunConfig(
@@ -409,9 +667,17 @@ def build_trainer(cfg: Config, run_id: str, uri: str, featurizer: str, storage: 
 
 
 def fit(cfg: Config) -> FitResult:
-    """Check everything that can be checked, then train on Ray. Blocks until done."""
+    """Check everything that can be checked, then train on Ray. Blocks until done; a local
+    Ray started for it is shut down in order before it returns (`cluster.shutdown`)."""
     from vaegan import cluster
-    from vaegan.tracking import resolve_tracking_uri, start_or_resume_run
+
+    with cluster.session():
+        return _fit(cfg)
+
+
+def _fit(cfg: Config) -> FitResult:
+    from vaegan import cluster
+    from vaegan.tracking import resolve_tracking_uri
 
     T = cfg.train
     cfg.data.shards = resolve_data(cfg)
@@ -424,8 +690,20 @@ def fit(cfg: Config) -> FitResult:
         asked=f"train.num_workers={T.num_workers} x train.cpus_per_worker={T.cpus_per_worker:g}"
               + (" (one GPU each: train.use_gpu=true)" if T.use_gpu else ""),
         fix="lower train.num_workers or train.cpus_per_worker, or add nodes")
-    storage = cluster.resolve_storage(T.storage_path, cfg.data.s3_endpoint, shared=T.shared_storage)
-    run_id = start_or_resume_run(uri, cfg.tracking.experiment, T.name, cfg.flat())
+    storage = cluster.resolve_storage(T.storage_path, cfg.data.s3_endpoint, shared=T.shared_storage,
+                                      retry_seconds=cfg.data.io_retry_seconds)
+    with cluster.RunLease(storage, T.name, T.lease_ttl_s):  # one run per name: refused while held
+        set_aside_unreadable_index(storage.child(T.name))
+        return _run(cfg, uri, featurizer, storage)
+
+
+def _run(cfg: Config, uri: str, featurizer: str, storage: Storage) -> FitResult:
+    """The MLflow run (found again, or created), then the trainer, under the run's lease."""
+    from vaegan.tracking import start_or_resume_run
+
+    T = cfg.train
+    run_id = start_or_resume_run(uri, cfg.tracking.experiment, T.name, cfg.flat(),
+                                 wait_seconds=cfg.tracking.start_wait_seconds)
     trainer = build_trainer(cfg, run_id, uri, featurizer, storage)
     try:
         result = trainer.fit()
@@ -439,6 +717,33 @@ def fit(cfg: Config) -> FitResult:
     return FitResult(T.name, run_id, uri, model_uri, storage.child(T.name).url, step)
 
 
+def set_aside_unreadable_index(run: Storage) -> None:
+    """Ray's index of a run's checkpoints (checkpoint_manager_snapshot.json) cut short, as a
+    crash mid-write leaves it, makes every later start of the run fail in Ray
+    (CheckpointManagerInitializationError). Move it aside, with a warning: the workers find
+    the checkpoints by listing the run's folder (`newest_complete_checkpoint`)."""
+    import json
+
+    import pyarrow.fs
+
+    fs = run.filesystem or pyarrow.fs.LocalFileSystem()
+    path = f"{run.path}/{RAY_INDEX}"
+    if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+        return
+    try:
+        with fs.open_input_stream(path) as f:
+            if isinstance(json.loads(f.read().decode()), dict):
+                return
+        problem = "not a JSON object"
+    except (ValueError, UnicodeDecodeError) as e:
+        problem = f"{type(e).__name__}: {e}"
+    aside = f"{path}.unreadable-{time.strftime('%Y%m%dT%H%M%S')}"
+    fs.move(path, aside)
+    print(f"[vaegan] warning: Ray's checkpoint index {run.url}/{RAY_INDEX} is unreadable ({problem}); "
+          f"moved it to {Path(aside).name}. Resuming from the newest complete checkpoint in "
+          f"{run.url}", file=sys.stderr, flush=True)
+
+
 def read_state_from_result(result) -> int:
     if result.checkpoint is None:
         return 0
@@ -449,9 +754,10 @@ def read_state_from_result(result) -> int:
 def main_train(cfg: Config) -> FitResult:
     """What `vaegan train` and jobs/train.py run: fit, then say where everything is."""
     res = fit(cfg)
-    print(f"\n[vaegan] done: {res.run_name} at step {res.step}\n"
-          f"  model:       {res.model_uri}\n"
-          f"  checkpoints: {res.storage}\n"
-          f"  MLflow run:  {res.mlflow_run_id}  (mlflow ui --backend-store-uri {res.tracking_uri})",
+    print(redact_text(f"\n[vaegan] done: {res.run_name} at step {res.step}\n"
+                      f"  model:       {res.model_uri}\n"
+                      f"  checkpoints: {res.storage}\n"
+                      f"  MLflow run:  {res.mlflow_run_id}"
+                      f"  (mlflow ui --backend-store-uri {res.tracking_uri})"),
           file=sys.stdout, flush=True)
     return res

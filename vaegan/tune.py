@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vaegan.config import COMPARE_METRIC, Config, config_from_dict
+from vaegan.config import COMPARE_METRIC, Config, config_from_dict, redact_text
 from vaegan.errors import UserError
 from vaegan.tracking import RUN_NAME_TAG
 
@@ -417,7 +417,7 @@ def _sweep_params(cfg: Config, opts: SweepOptions) -> dict[str, Any]:
     """The parent run's params: the trials' base config, the sweep's options and its space."""
     import json
 
-    return {**cfg.flat(), **{f"tune.{k}": v for k, v in dataclasses.asdict(opts).items()},
+    return {**cfg.redacted().flat(), **{f"tune.{k}": v for k, v in dataclasses.asdict(opts).items()},
             "tune.space": json.dumps(search_spec(cfg, opts))}
 
 
@@ -451,7 +451,15 @@ def _parent_run(uri: str, cfg: Config, opts: SweepOptions) -> str:
 
 def sweep(cfg: Config, opts: SweepOptions) -> SweepResult:
     """Check, then run (or resume) the sweep on Ray; summarise it in MLflow and register the
-    best completed trial as `challenger`. Blocks until done."""
+    best completed trial as `challenger`. Blocks until done; a local Ray started for it is
+    shut down in order before it returns (`cluster.shutdown`)."""
+    from vaegan import cluster
+
+    with cluster.session():
+        return _sweep(cfg, opts)
+
+
+def _sweep(cfg: Config, opts: SweepOptions) -> SweepResult:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -485,7 +493,7 @@ def sweep(cfg: Config, opts: SweepOptions) -> SweepResult:
     trainable = tune.with_resources(tune.with_parameters(driver_fn, ctx=ctx), {"CPU": opts.trial_cpus})
     path = f"{storage.path}/{opts.name}"
     if tune.Tuner.can_restore(path, storage_filesystem=storage.filesystem):
-        print(f"[vaegan] resuming sweep {opts.name} from {path}", flush=True)
+        print(redact_text(f"[vaegan] resuming sweep {opts.name} from {path}"), flush=True)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True, storage_filesystem=storage.filesystem)
     else:
@@ -509,7 +517,8 @@ def sweep(cfg: Config, opts: SweepOptions) -> SweepResult:
             run_config=tune.RunConfig(name=opts.name, storage_path=storage.path,
                                       storage_filesystem=storage.filesystem, verbose=1,
                                       failure_config=tune.FailureConfig(max_failures=0)))
-    grid = tuner.fit()
+    with cluster.credentials_kept_from_tune():  # else Ray logs them (see there)
+        grid = tuner.fit()
     res = SweepResult(opts.name, parent, uri, opts.metric, opts.mode, storage=storage.child(opts.name).url)
     res.rows = _rows(grid, cfg, opts)
     _summarise(res, cfg, opts)
@@ -691,9 +700,9 @@ def plot(res: SweepResult, opts: SweepOptions, key: str, kind: str):
 def main_tune(cfg: Config, opts: SweepOptions) -> SweepResult:
     """What `vaegan tune` and jobs/tune.py run: sweep, then say where everything is."""
     res = sweep(cfg, opts)
-    print(f"\n[vaegan] sweep {res.name}: {res.metric} ({res.mode})\n{format_table(res)}"
-          f"  MLflow parent run: {res.parent_run_id} ({res.tracking_uri})\n"
-          f"  sweep storage:     {res.storage} (trials' checkpoints: {res.storage}-trials)",
+    print(redact_text(f"\n[vaegan] sweep {res.name}: {res.metric} ({res.mode})\n{format_table(res)}"
+                      f"  MLflow parent run: {res.parent_run_id} ({res.tracking_uri})\n"
+                      f"  sweep storage:     {res.storage} (trials' checkpoints: {res.storage}-trials)"),
           file=sys.stdout, flush=True)
     if res.best:
         chosen = ", ".join(f"{k}={_show(v)}" for k, v in res.best.params.items())

@@ -9,7 +9,8 @@
 
 Modules: `sources` (folder, celeba, mnist5k, synthetic-faces), `faces` (the synthetic face
 generator), `shards` (writer + manifest), `manifest` (its format, read and check), `reader`
-(the WebDataset pipeline), `storage` (local/S3 via fsspec/s3fs), `bench`.
+(the WebDataset pipeline), `storage` (local/S3 via fsspec/s3fs; transient-error backoff),
+`retrying_fs` (the pyarrow filesystem over s3fs that Ray Train checkpoints through), `bench`.
 
 Imports are lazy so `from vaegan.data import DataError` (the CLI) does not pull in torch.
 """

@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 
 from vaegan.data.errors import DataError
-from vaegan.data.storage import CHECK_RETRIES, Location, as_data_error
+from vaegan.data.storage import CHECK_RETRIES, Backoff, Location, as_data_error
 
 MANIFEST = "manifest.json"
 FORMAT = "vaegan-shards"
@@ -68,9 +68,14 @@ def _validate(m: object, url: str) -> dict:
     return m
 
 
-def _read(loc: Location) -> dict:
+def _read(loc: Location, retry_seconds: float = 0) -> dict:
+    def fetch() -> bytes:
+        return loc.fs.cat_file(f"{loc.root}/{MANIFEST}") if loc.s3 else Path(loc.path(MANIFEST)).read_bytes()
+
     try:
-        raw = loc.fs.cat_file(f"{loc.root}/{MANIFEST}") if loc.s3 else Path(loc.path(MANIFEST)).read_bytes()
+        # A give-up after retries is a DataError naming the manifest and the endpoint.
+        raw = Backoff(retry_seconds, f"read {loc.path(MANIFEST)}", loc.endpoint).call(fetch) \
+            if retry_seconds > 0 else fetch()
     except FileNotFoundError as e:
         if loc.s3 and "bucket" in str(e).lower():
             raise as_data_error(e, loc.url, loc.endpoint, "read shards from") from e
@@ -86,9 +91,11 @@ def _read(loc: Location) -> dict:
         raise DataError(f"{loc.url}/{MANIFEST} is not valid: {e}") from e
 
 
-def read_manifest(shards: str, s3_endpoint: str = "") -> dict:
-    """The manifest of a shard folder (local path or s3://bucket/prefix)."""
-    return _read(Location(shard_folder(shards), s3_endpoint))
+def read_manifest(shards: str, s3_endpoint: str = "", *, retry_seconds: float = 0) -> dict:
+    """The manifest of a shard folder (local path or s3://bucket/prefix). A transport
+    failure is retried with backoff for up to `retry_seconds` (0: one attempt, so a wrong
+    endpoint fails at once; the training reader waits out outages)."""
+    return _read(Location(shard_folder(shards), s3_endpoint), retry_seconds)
 
 
 def check_shards(shards: str, s3_endpoint: str = "") -> dict:

@@ -24,6 +24,13 @@ makes the other ranks wait forever in DDP's all-reduce):
    shuffle_buffer) alone, so a resumed run (start_batch = k) sees batches k, k+1, ... of
    the uninterrupted one (flips included: they are seeded per batch).
 
+Outages are not corruption: a shard read that fails in transport (connection refused or
+reset, a timeout, a body cut short, a 5xx answer; `storage.is_transient`) is retried with
+backoff (0.5 s doubling to 10 s), opening the shard again and reading on past the samples
+already taken, so the batches are exactly those of an undisturbed read. Once an outage has
+lasted `io_retry_seconds` without progress the loader raises DataError naming the shard and
+the endpoint. `loader.retry_count` / `loader.retry_seconds` say what the outages cost.
+
 Corrupt data: a shard that fails to open or breaks off (truncated, garbled) and a sample that
 is incomplete or fails to decode are skipped and counted; the missing count of a shard is
 exact, from the manifest. To keep batch counts equal, a worker replaces what it lost with
@@ -112,6 +119,10 @@ class _Counter:
     def __init__(self):
         self.corrupt = 0
         self.warned = 0
+        self.retries, self.waited = 0, 0.0  # transport retries, and the seconds they waited
+
+    def stats(self) -> tuple[int, int, float]:
+        return self.corrupt, self.retries, self.waited
 
     def warn(self, message: str) -> None:
         self.warned += 1
@@ -121,8 +132,8 @@ class _Counter:
 
 class _ShardStream(IterableDataset):
     """What each DataLoader worker runs: its block of samples -> ("batch", ...) tuples, then
-    one ("end", ...) so its final corrupt count reaches the main process even if it has no
-    batches to carry it."""
+    one ("end", ...) so its final counts (corrupt samples, transport retries, seconds waited)
+    reach the main process even if it has no batches to carry them."""
 
     def __init__(self, loader: ShardLoader, order: list[tuple[str, int, int]]):
         self.urls = {name: loader.location.path(name) for name, _, _ in order}
@@ -136,6 +147,7 @@ class _ShardStream(IterableDataset):
         self.seed, self.epoch, self.rank = loader.seed, loader.epoch, loader.rank
         self.size, self.channels = loader.manifest["image_size"], loader.manifest["channels"]
         self.attributes = list(loader.manifest["attributes"])
+        self.io_retry_seconds = loader.io_retry_seconds
 
     def _open(self, url: str):
         import webdataset as wds
@@ -158,23 +170,32 @@ class _ShardStream(IterableDataset):
         good, spares = 0, []
         for name, lo, hi in pieces:
             url, got, last = self.urls[name], 0, lo - 1
-            try:
-                with self._open(url) as stream:
-                    for sample in _tar_samples(stream):
-                        idx = key_index(sample["__key__"])
-                        if idx is None or idx <= last or idx < lo:  # garbage, repeat, or not ours
-                            continue
-                        if idx >= hi:  # keys are in order: the rest of the shard is not ours
-                            break
-                        last, parsed = idx, self._parse(sample)
-                        if parsed is not None:
-                            got += 1
-                            if len(spares) < _SPARES:
-                                spares.append(parsed)
-                            yield parsed
-            except Exception as e:  # a shard that fails to open or breaks off
-                counter.warn(f"corrupt shard {url}: {type(e).__name__}: {e}; lost {hi - lo - got} of "
-                             f"the {hi - lo} samples read from it")
+            backoff = storage.Backoff(self.io_retry_seconds, f"read {url}", self.endpoint)
+            while True:  # one pass per attempt: a retry opens the shard again, reads on after `last`
+                try:
+                    with self._open(url) as stream:
+                        for sample in _tar_samples(stream):
+                            idx = key_index(sample["__key__"])
+                            if idx is None or idx <= last or idx < lo:  # garbage, repeat, not ours,
+                                continue                                # or taken before a retry
+                            if idx >= hi:  # keys are in order: the rest of the shard is not ours
+                                break
+                            last, parsed = idx, self._parse(sample)
+                            backoff.progress()
+                            if parsed is not None:
+                                got += 1
+                                if len(spares) < _SPARES:
+                                    spares.append(parsed)
+                                yield parsed
+                except Exception as e:
+                    if storage.is_transient(e):  # the endpoint blipped: wait, then read on
+                        counter.waited += backoff.wait(e)  # raises DataError once it lasts too long
+                        counter.retries += 1
+                        continue
+                    # a shard that fails to open or breaks off: corrupt
+                    counter.warn(f"corrupt shard {url}: {type(e).__name__}: {e}; lost {hi - lo - got} of "
+                                 f"the {hi - lo} samples read from it")
+                break
             counter.corrupt += (hi - lo) - got
             good += got
         for i in range(planned - good):
@@ -240,8 +261,8 @@ class _ShardStream(IterableDataset):
             if b < self.start_batch:
                 continue  # resuming: read past it, but do not spend time decoding it
             images, attrs = self._decode(group, b, counter, fallback)
-            yield "batch", b, images, attrs, worker, counter.corrupt
-        yield "end", worker, None, None, worker, counter.corrupt
+            yield "batch", b, images, attrs, worker, counter.stats()
+        yield "end", worker, None, None, worker, counter.stats()
 
 
 class ShardLoader:
@@ -254,7 +275,8 @@ class ShardLoader:
 
     def __init__(self, shards: str, manifest: dict, *, batch_size: int, rank: int, world_size: int,
                  split: str, loader_workers: int, shuffle_buffer: int, flip: bool, seed: int, epoch: int,
-                 start_batch: int, with_attributes: bool, s3_endpoint: str, max_corrupt_fraction: float):
+                 start_batch: int, with_attributes: bool, s3_endpoint: str, max_corrupt_fraction: float,
+                 io_retry_seconds: float = storage.IO_RETRY_SECONDS):
         self.shards, self.manifest, self.split = shards, manifest, split
         self.location = storage.Location(shard_folder(shards), s3_endpoint)
         self.s3_endpoint = s3_endpoint
@@ -262,6 +284,7 @@ class ShardLoader:
         self.loader_workers, self.shuffle_buffer, self.flip = loader_workers, shuffle_buffer, flip
         self.seed, self.epoch, self.start_batch = seed, epoch, start_batch
         self.with_attributes, self.max_corrupt_fraction = with_attributes, max_corrupt_fraction
+        self.io_retry_seconds = io_retry_seconds
         self.attributes: list[str] = list(manifest["attributes"])
         self.image_shape = (manifest["channels"], manifest["image_size"], manifest["image_size"])
 
@@ -274,7 +297,7 @@ class ShardLoader:
         if start_batch > self.batches_per_epoch:
             raise DataError(f"start_batch={start_batch} is past the end of the epoch "
                             f"({self.batches_per_epoch} batches)")
-        self._counts: dict[int, int] = {}
+        self._counts: dict[int, tuple[int, int, float]] = {}  # worker -> _Counter.stats()
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -282,7 +305,17 @@ class ShardLoader:
     @property
     def corrupt_count(self) -> int:
         """Corrupt or missing samples met so far in this epoch, summed over the workers."""
-        return sum(self._counts.values())
+        return sum(c[0] for c in self._counts.values())
+
+    @property
+    def retry_count(self) -> int:
+        """Shard reads retried after a transport error so far in this epoch (all workers)."""
+        return sum(c[1] for c in self._counts.values())
+
+    @property
+    def retry_seconds(self) -> float:
+        """Seconds spent waiting before those retries (summed over workers)."""
+        return sum(c[2] for c in self._counts.values())
 
     def _check_corrupt(self) -> None:
         if self.corrupt_count > self.max_corrupt_fraction * self.samples_per_epoch:
@@ -299,8 +332,8 @@ class ShardLoader:
                         persistent_workers=False)
         self._counts = {}
         pending, expected = {}, self.start_batch
-        for kind, b, images, attrs, worker, corrupt in dl:
-            self._counts[worker] = corrupt
+        for kind, b, images, attrs, worker, stats in dl:
+            self._counts[worker] = stats
             self._check_corrupt()
             if kind == "end":
                 continue
@@ -318,7 +351,8 @@ class ShardLoader:
 def make_loader(shards: str, *, batch_size: int, rank: int = 0, world_size: int = 1, split: str = "train",
                 loader_workers: int = 0, shuffle_buffer: int = 1000, flip: bool = False, seed: int = 0,
                 epoch: int = 0, start_batch: int = 0, with_attributes: bool = False, s3_endpoint: str = "",
-                max_corrupt_fraction: float = 0.01) -> ShardLoader:
+                max_corrupt_fraction: float = 0.01,
+                io_retry_seconds: float = storage.IO_RETRY_SECONDS) -> ShardLoader:
     """One epoch of batches for `rank` of `world_size` from the shards at `shards` (a folder
     or s3://bucket/prefix written by `prepare`). See the module docstring."""
     checks = [
@@ -331,15 +365,17 @@ def make_loader(shards: str, *, batch_size: int, rank: int = 0, world_size: int 
         (epoch >= 0, "epoch", epoch, "an integer >= 0"),
         (start_batch >= 0, "start_batch", start_batch, "an integer >= 0"),
         (0 <= max_corrupt_fraction <= 1, "max_corrupt_fraction", max_corrupt_fraction, "in [0, 1]"),
+        (io_retry_seconds >= 0, "io_retry_seconds", io_retry_seconds, "a number of seconds >= 0"),
     ]
     for ok, name, value, allowed in checks:
         if not ok:
             raise DataError(f"{name}={value!r} is not allowed; it must be {allowed}")
-    manifest = read_manifest(shards, s3_endpoint)
+    manifest = read_manifest(shards, s3_endpoint, retry_seconds=io_retry_seconds)
     return ShardLoader(shards, manifest, batch_size=batch_size, rank=rank, world_size=world_size, split=split,
                        loader_workers=loader_workers, shuffle_buffer=shuffle_buffer, flip=flip, seed=seed,
                        epoch=epoch, start_batch=start_batch, with_attributes=with_attributes,
-                       s3_endpoint=s3_endpoint, max_corrupt_fraction=max_corrupt_fraction)
+                       s3_endpoint=s3_endpoint, max_corrupt_fraction=max_corrupt_fraction,
+                       io_retry_seconds=io_retry_seconds)
 
 
 def covering_batch_size(split_samples: int, wanted: int, cap: int) -> int:
@@ -356,19 +392,21 @@ def covering_batch_size(split_samples: int, wanted: int, cap: int) -> int:
 
 
 def read_split(shards: str, n: int, split: str = "val", *, with_attributes: bool = False,
-               batch_size: int = 250, s3_endpoint: str = ""):
+               batch_size: int = 250, s3_endpoint: str = "",
+               io_retry_seconds: float = storage.IO_RETRY_SECONDS):
     """The first n images of `split` in reader order (no shuffle, no flip): the same images
     every time, for evaluation, image grids and attribute vectors.
 
     -> images (N, C, H, W), or (images, attributes (N, A)) with `with_attributes`; N <= n."""
-    manifest = read_manifest(shards, s3_endpoint)
+    manifest = read_manifest(shards, s3_endpoint, retry_seconds=io_retry_seconds)
     if split not in manifest["splits"]:
         raise DataError(f"split {split!r} is not in {shards!r}; it has: {', '.join(manifest['splits'])}")
     available = manifest["splits"][split]["samples"]
     bs = covering_batch_size(available, min(n, available), batch_size)
     xs, ys, seen = [], [], 0
     for batch in make_loader(shards, batch_size=bs, split=split, with_attributes=with_attributes,
-                             shuffle_buffer=0, flip=False, s3_endpoint=s3_endpoint):
+                             shuffle_buffer=0, flip=False, s3_endpoint=s3_endpoint,
+                             io_retry_seconds=io_retry_seconds):
         x, a = batch if with_attributes else (batch, None)
         xs.append(x[:n - seen])
         if with_attributes:

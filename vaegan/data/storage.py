@@ -8,24 +8,39 @@ names the URL and says what to fix (no bucket, no credentials, endpoint unreacha
 
 Importing this module registers an `s3` opener in `webdataset.gopen_schemes` (WebDataset has
 none). `reader.py` imports it, so DataLoader worker processes, forked or spawned, have it.
+
+Outages: `is_transient` tells a transport failure (connection refused or reset, a timeout, a
+body cut short, a 5xx or throttling answer) from a real one (missing object, bad bytes,
+denied access). `Backoff` waits out the first kind with exponentially growing pauses, for
+at most `retry_seconds` without progress; the reader (shards) and `RetryingFSSpecHandler`
+(Ray Train's checkpoint storage) use it, so an endpoint that blips costs time, not data.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from vaegan.data.errors import DataError
 
+log = logging.getLogger(__name__)
+
 # One connect attempt fails in ~0 s on a refused port; botocore's default (5 attempts with
 # backoff) would make a pre-flight check of a wrong endpoint hang for several seconds.
 _READ_RETRIES = 3
 CHECK_RETRIES = 1
+# How long a read or write waits out an unreachable endpoint (no progress at all) before it
+# fails; `data.io_retry_seconds` overrides it for training.
+IO_RETRY_SECONDS = 180.0
+_BACKOFF_FIRST, _BACKOFF_MAX = 0.5, 10.0  # seconds: the first pause, and the longest
 
 
 def is_s3(url: str) -> bool:
@@ -38,6 +53,21 @@ def resolve_endpoint(endpoint: str = "") -> str:
             or "")
 
 
+def split_endpoint_credentials(endpoint: str) -> tuple[str, str, str]:
+    """`http://KEY:SECRET@host:port` -> (`http://host:port`, KEY, SECRET); an endpoint without
+    userinfo -> (endpoint, "", ""). s3fs (aiohttp) refuses credentials in the endpoint URL
+    ("Cannot combine AUTHORIZATION header with AUTH argument or credentials encoded in URL"),
+    so they are taken out at this edge and passed as s3fs's key and secret."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(endpoint)
+    if "@" not in parts.netloc:
+        return endpoint, "", ""
+    userinfo, _, host = parts.netloc.rpartition("@")
+    key, _, secret = userinfo.partition(":")
+    return urlunsplit(parts._replace(netloc=host)), unquote(key), unquote(secret)
+
+
 def s3_options(endpoint: str = "", *, retries: int = _READ_RETRIES) -> dict:
     """s3fs constructor arguments. Credentials from the environment are passed explicitly so
     that s3fs's instance cache (keyed on these arguments) never serves stale credentials."""
@@ -47,7 +77,7 @@ def s3_options(endpoint: str = "", *, retries: int = _READ_RETRIES) -> dict:
         "config_kwargs": {"connect_timeout": 5, "read_timeout": 60,
                           "retries": {"max_attempts": retries, "mode": "standard"}},
     }
-    endpoint = resolve_endpoint(endpoint)
+    endpoint, url_key, url_secret = split_endpoint_credentials(resolve_endpoint(endpoint))
     if endpoint:
         opts["endpoint_url"] = endpoint
     if os.environ.get("AWS_ACCESS_KEY_ID"):
@@ -55,6 +85,9 @@ def s3_options(endpoint: str = "", *, retries: int = _READ_RETRIES) -> dict:
         opts["secret"] = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
         if os.environ.get("AWS_SESSION_TOKEN"):
             opts["token"] = os.environ["AWS_SESSION_TOKEN"]
+    if url_key:  # given with the endpoint: they go with it, whatever the environment says
+        opts["key"], opts["secret"] = url_key, url_secret
+        opts.pop("token", None)
     region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
     if region:
         opts["client_kwargs"] = {"region_name": region}
@@ -92,7 +125,7 @@ def as_data_error(exc: BaseException, url: str, endpoint: str = "", action: str 
 
     from botocore import exceptions as bx
 
-    endpoint = resolve_endpoint(endpoint)
+    endpoint = split_endpoint_credentials(resolve_endpoint(endpoint))[0]  # messages get printed
     where = f"{url} (S3 endpoint {endpoint or 'AWS default'})"
     if isinstance(exc, (bx.NoCredentialsError, bx.PartialCredentialsError)):
         return DataError(f"cannot {action} {where}: no S3 credentials found; set AWS_ACCESS_KEY_ID and "
@@ -109,6 +142,117 @@ def as_data_error(exc: BaseException, url: str, endpoint: str = "", action: str 
     if isinstance(exc, PermissionError):
         return DataError(f"cannot {action} {where}: access denied ({exc}); check the S3 credentials")
     return DataError(f"cannot {action} {where}: {type(exc).__name__}: {exc}")
+
+
+# ---------------------------------------------------------------------------------------
+# Transient failures: the transport broke, not the data.
+
+# errno values of a connection that failed, as opposed to a file that did
+_NET_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EPIPE,
+               errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EREMOTEIO}
+# S3 error codes that mean "try again" (5xx and throttling)
+_RETRY_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "Throttling", "ThrottlingException",
+                "RequestTimeout", "BadGateway", "GatewayTimeout", "500", "502", "503", "504"}
+
+
+def _transient_types() -> tuple[type, ...]:
+    import http.client
+
+    types: list[type] = [ConnectionError, TimeoutError, http.client.IncompleteRead,
+                         http.client.RemoteDisconnected]
+    with contextlib.suppress(ImportError):
+        from botocore import exceptions as bx
+
+        # HTTPClientError covers ConnectionClosedError, ReadTimeoutError, ResponseStreamingError;
+        # botocore's ConnectionError covers EndpointConnectionError and ConnectTimeoutError.
+        types += [bx.HTTPClientError, bx.ConnectionError, bx.IncompleteReadError]
+    with contextlib.suppress(ImportError):
+        import aiohttp
+
+        types.append(aiohttp.ClientError)  # ClientConnectionError, ClientPayloadError, ...
+    with contextlib.suppress(ImportError):
+        from fsspec.exceptions import FSTimeoutError
+
+        types.append(FSTimeoutError)
+    return tuple(types)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when `exc` (or what it was raised from) says the connection or the server
+    failed, so the same request may well succeed later; False for anything about the data
+    or the request itself (not found, denied, bad bytes). s3fs wraps botocore's errors in
+    OSError, hence the walk down __cause__/__context__."""
+    types = _transient_types()
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, DataError):
+            return False
+        if isinstance(exc, types):
+            return True
+        if isinstance(exc, OSError) and exc.errno in _NET_ERRNOS:
+            return True
+        response = getattr(exc, "response", None)  # botocore ClientError
+        if isinstance(response, dict):
+            code = str(response.get("Error", {}).get("Code", ""))
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            if code in _RETRY_CODES or int(status) >= 500:
+                return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+class Backoff:
+    """Pauses between attempts at one thing (a shard, an upload): 0.5 s, 1 s, 2 s, ... up to
+    10 s each, until `seconds` have passed since the last progress. Counts the retries
+    and the seconds spent waiting, for the caller to report."""
+
+    def __init__(self, seconds: float, what: str, endpoint: str = ""):
+        # (without credentials given in the URL: the endpoint is printed)
+        self.seconds, self.what = seconds, what
+        self.endpoint = split_endpoint_credentials(resolve_endpoint(endpoint))[0]
+        self.retries, self.waited = 0, 0.0
+        self._since: float | None = None
+        self._next = _BACKOFF_FIRST
+
+    def progress(self) -> None:
+        """Something was read or written: a later failure starts a new outage."""
+        self._since, self._next = None, _BACKOFF_FIRST
+
+    def wait(self, exc: BaseException) -> float:
+        """Sleep before the next attempt after the transient failure `exc` and return the
+        seconds slept; raise DataError (from exc) once this outage has lasted `seconds`."""
+        now = time.monotonic()
+        if self._since is None:
+            self._since = now
+        left = self.seconds - (now - self._since)
+        if left <= 0:
+            where = f"the S3 endpoint {self.endpoint or '(AWS default)'}"
+            raise DataError(
+                f"cannot {self.what}: {where} failed for {now - self._since:.0f} s ({self.retries} "
+                f"retries; last error {type(exc).__name__}: {exc}); check the endpoint and the network, "
+                f"or allow longer outages with data.io_retry_seconds (now {self.seconds:g})") from exc
+        pause = min(self._next, left)
+        self.retries += 1
+        log.warning("%s: transient %s (%s); retry %d in %.1f s", self.what, type(exc).__name__, exc,
+                    self.retries, pause)
+        time.sleep(pause)
+        self.waited += pause
+        self._next = min(self._next * 2, _BACKOFF_MAX)
+        return pause
+
+    def call(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs), retried while it fails transiently (see `wait`)."""
+        while True:
+            try:
+                result = fn(*args, **kwargs)
+            except Exception as e:
+                if not is_transient(e):
+                    raise
+                self.wait(e)
+            else:
+                self.progress()
+                return result
 
 
 class Location:

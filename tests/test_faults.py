@@ -1,0 +1,214 @@
+"""Faults a run survives, each injected for real: worker processes SIGKILLed (a non-zero
+rank mid-run, rank 0 between its final checkpoint and the registration), a NaN loss on one
+rank, a torn model.pt and a truncated Ray checkpoint index, and a second run under a name
+that is running. Real local Ray (2 CPU workers), a real MLflow server, moto S3."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from vaegan.checkpoint import MANIFEST, CheckpointError, TrainState, check_complete, save_checkpoint
+from vaegan.cluster import LEASE, RunLease, RunLeaseError, storage_for
+from vaegan.config import load_config
+from vaegan.model import VAEGAN
+from vaegan.train import KILL_ENV, NAN_ENV, RAY_INDEX, STEP_TAG, TrainError, fit
+
+
+def train_cfg(tmp_path, mnist_shards, uri, name, *extra):
+    """6 debug steps on 2 workers: metrics at 2, 4, 6; checkpoints at 3 and 6."""
+    return load_config("debug", overrides=[
+        f"data.shards={mnist_shards}", f"train.storage_path={tmp_path / 'runs'}",
+        f"tracking.tracking_uri={uri}", "train.num_workers=2", "train.steps=6", f"train.name={name}",
+        "train.log_every=2", "train.checkpoint_every=3", "train.image_every=6",
+        f"tracking.model_name=faults-{name}", "data.loader_workers=0", *extra])
+
+
+def checkpoints(tmp_path, name) -> list[Path]:
+    """The run's checkpoint folders, oldest first (Ray names them by time)."""
+    return sorted(p for p in (tmp_path / "runs" / name).glob("checkpoint_*") if p.is_dir())
+
+
+def metric_steps(client, run_id, key) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints: complete only with a matching manifest; never with non-finite weights
+
+
+def test_a_checkpoint_is_complete_only_when_its_manifest_matches(tmp_path, debug_cfg):
+    model = VAEGAN(debug_cfg.model)
+    path = save_checkpoint(tmp_path / "ckpt", model, debug_cfg, TrainState(step=3))
+    assert json.loads((path / MANIFEST).read_text())["step"] == 3
+    assert check_complete(path) == ""
+    weights = path / "model.pt"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])  # torn, as a writer killed mid-file leaves it
+    assert "model.pt has" in check_complete(path)
+    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size, other bytes
+    assert "model.pt does not match" in check_complete(path)
+    (path / MANIFEST).unlink()  # the writer stopped before the manifest
+    assert check_complete(path).startswith("no manifest.json")
+
+
+def test_a_checkpoint_is_never_written_with_non_finite_weights(tmp_path, debug_cfg):
+    model = VAEGAN(debug_cfg.model)
+    with torch.no_grad():
+        next(model.decoder.parameters())[0].fill_(float("nan"))
+    with pytest.raises(CheckpointError, match=r"checkpoint of step 7: non-finite values in decoder\."):
+        save_checkpoint(tmp_path / "ckpt", model, debug_cfg, TrainState(step=7))
+    assert not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------
+# One run per name
+
+
+@pytest.fixture(params=["folder", "s3"])
+def storage(request, tmp_path):
+    if request.param == "folder":
+        return storage_for(str(tmp_path / "runs"))
+    return storage_for(f"{request.getfixturevalue('s3_bucket')}/runs")
+
+
+def write_lease(lease: RunLease, renewed_ago: float, **owner) -> None:
+    """What another driver's lease looks like, written straight into storage."""
+    body = {"token": "other", "job": "raysubmit_other", "host": "node-7", "pid": 4242,
+            "started": "2026-01-01T00:00:00Z", "renewed": time.time() - renewed_ago, "ttl_s": 30.0, **owner}
+    if lease.local:
+        Path(lease.path).parent.mkdir(parents=True, exist_ok=True)
+        Path(lease.path).write_text(json.dumps(body))
+    else:
+        lease.fs.pipe_file(lease.path, json.dumps(body).encode())
+
+
+def test_a_live_lease_refuses_the_name_and_a_stale_one_is_taken_over(storage):
+    lease = RunLease(storage, "busy", ttl_s=30)
+    write_lease(lease, renewed_ago=5)
+    with pytest.raises(RunLeaseError, match=r"train.name=busy is already running: job raysubmit_other on "
+                                            r"host node-7 \(pid 4242"):
+        lease.acquire(settle_s=0)
+    assert lease.read()["token"] == "other"  # untouched
+
+    write_lease(lease, renewed_ago=31)  # its driver died 31 s ago, past its 30 s ttl
+    with RunLease(storage, "busy", ttl_s=3) as mine:
+        held = lease.read()
+        assert held["token"] == mine.owner["token"] and held["pid"] == os.getpid()
+        renewed = held["renewed"]
+        time.sleep(1.6)  # renewed every ttl/3 = 1 s
+        assert lease.read()["renewed"] > renewed
+        with pytest.raises(RunLeaseError, match="train.name=busy is already running"):
+            RunLease(storage, "busy", ttl_s=3).acquire(settle_s=0)
+    assert lease.read() is None  # released at the end
+
+
+@pytest.mark.slow
+def test_training_under_a_running_name_is_refused(tmp_path, mnist_shards, ray_local):
+    cfg = train_cfg(tmp_path, mnist_shards, "http://127.0.0.1:9", "taken")  # no MLflow is reached
+    lease = RunLease(storage_for(str(tmp_path / "runs")), "taken", ttl_s=120)
+    write_lease(lease, renewed_ago=1)
+    with pytest.raises(RunLeaseError, match=f"train.name=taken is already running: job raysubmit_other "
+                                            f".*{LEASE}"):
+        fit(cfg)
+
+
+# ---------------------------------------------------------------------------------------
+# Killed workers
+
+
+@pytest.mark.slow
+def test_sigkilled_workers_lose_nothing_and_register_once(tmp_path, mnist_shards, mlflow_server, ray_local,
+                                                          monkeypatch):
+    # Rank 1 dies after step 5 (its last checkpoint is step 3; step 4's metrics are logged
+    # already); after the restart rank 0 dies after step 6's checkpoint, before registering.
+    monkeypatch.setenv(KILL_ENV, f"1:5:{tmp_path / 'rank1-killed'},0:6:{tmp_path / 'rank0-killed'}")
+    cfg = train_cfg(tmp_path, mnist_shards, mlflow_server, "killed", "train.max_failures=2")
+    res = fit(cfg)
+    assert (tmp_path / "rank1-killed").exists() and (tmp_path / "rank0-killed").exists()
+    assert res.step == 6
+    client = mlflow.MlflowClient(mlflow_server)
+    run = client.get_run(res.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert len(client.search_runs([run.info.experiment_id], "tags.`vaegan.run_name` = 'killed'")) == 1
+    for key in ("loss", "kl_prior", "gan_bce", "images_per_s"):
+        assert metric_steps(client, res.mlflow_run_id, key) == [2, 4, 6], key  # each step once
+    versions = client.search_model_versions("name='faults-killed'")
+    assert [(v.run_id, v.tags.get(STEP_TAG)) for v in versions] == [(res.mlflow_run_id, "6")]
+
+
+# ---------------------------------------------------------------------------------------
+# Divergence
+
+
+@pytest.mark.slow
+def test_a_nan_on_one_rank_rolls_every_rank_back_with_a_lower_lr(tmp_path, mnist_shards, mlflow_server,
+                                                                 ray_local, monkeypatch):
+    monkeypatch.setenv(NAN_ENV, f"1:5:{tmp_path / 'nan-fired'}")  # rank 1's batch of step 5
+    cfg = train_cfg(tmp_path, mnist_shards, mlflow_server, "diverged", "train.max_failures=0",
+                    "train.rollback_lr_factor=0.5", "tracking.log_checkpoints=false")
+    res = fit(cfg)  # no Ray restart: max_failures=0
+    assert (tmp_path / "nan-fired").exists() and res.step == 6
+    client = mlflow.MlflowClient(mlflow_server)
+    run = client.get_run(res.mlflow_run_id)
+    rollbacks = client.get_metric_history(res.mlflow_run_id, "rollbacks")
+    assert [(m.step, m.value) for m in rollbacks] == [(5, 1.0)]
+    [lr] = client.get_metric_history(res.mlflow_run_id, "lr")
+    assert lr.value == pytest.approx(0.5 * cfg.optim.lr)
+    assert run.data.tags["vaegan.rollback.1"].startswith("step 5 -> step 3, lr x0.5")
+    assert metric_steps(client, res.mlflow_run_id, "loss") == [2, 4, 6]
+    state = json.loads((checkpoints(tmp_path, "diverged")[-1] / "state.json").read_text())
+    assert (state["step"], state["rollbacks"], state["lr_scale"]) == (6, 1, 0.5)
+
+
+@pytest.mark.slow
+def test_divergence_past_max_rollbacks_stops_with_a_clear_error(tmp_path, mnist_shards, mlflow_server,
+                                                                ray_local, monkeypatch):
+    monkeypatch.setenv(NAN_ENV, f"0:2:{tmp_path / 'nan-fired'}")
+    cfg = train_cfg(tmp_path, mnist_shards, mlflow_server, "gave-up", "train.max_failures=0",
+                    "train.max_rollbacks=0", "tracking.log_checkpoints=false")
+    with pytest.raises(TrainError, match=r"training diverged at step 2 .* after 0 rollback\(s\), and "
+                                         r"train.max_rollbacks=0: lower optim.lr"):
+        fit(cfg)
+    assert not checkpoints(tmp_path, "gave-up")
+
+
+# ---------------------------------------------------------------------------------------
+# Torn checkpoints, and a torn Ray index
+
+
+@pytest.mark.slow
+def test_resume_skips_a_torn_checkpoint_and_sets_aside_an_unreadable_ray_index(
+        tmp_path, mnist_shards, mlflow_server, ray_local, capfd):
+    def train(steps):
+        return fit(train_cfg(tmp_path, mnist_shards, mlflow_server, "torn", f"train.steps={steps}",
+                             "train.checkpoint_every=2", "train.keep_checkpoints=3",
+                             "tracking.log_checkpoints=false"))
+
+    client = mlflow.MlflowClient(mlflow_server)
+    assert train(4).step == 4
+    newest = checkpoints(tmp_path, "torn")[-1]
+    assert json.loads((newest / "state.json").read_text())["step"] == 4
+    weights = newest / "model.pt"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a crash mid-upload
+    res = train(6)  # before manifests: every restart failed loading model.pt
+    assert res.step == 6
+    tags = client.get_run(res.mlflow_run_id).data.tags
+    assert tags["vaegan.resumed_from"].startswith("step 2 (checkpoint_")
+    assert f"{newest.name}: model.pt has 1000 bytes" in tags["vaegan.skipped_checkpoints"]
+
+    index = tmp_path / "runs" / "torn" / RAY_INDEX
+    index.write_text(index.read_text()[:40])  # a crash mid-write of Ray's own index
+    capfd.readouterr()
+    res = train(8)  # before: CheckpointManagerInitializationError at every start
+    assert res.step == 8
+    err = capfd.readouterr().err
+    assert f"Ray's checkpoint index {tmp_path / 'runs' / 'torn'}/{RAY_INDEX} is unreadable" in err
+    assert list(index.parent.glob(f"{RAY_INDEX}.unreadable-*"))
+    assert client.get_run(res.mlflow_run_id).data.tags["vaegan.resumed_from"].startswith("step 6 (")
