@@ -15,6 +15,7 @@
     vaegan data check --shards URL
     vaegan bench data --shards URL [--workers N] [--batches N] [--batch-size B]
     vaegan bench step [--preset celeba64] [key=value ...] [--steps N]
+    vaegan bench train [--preset mnist32] [key=value ...] [--workers W] [--threads T] [--steps N] [--json]
     vaegan models list [NAME] | promote NAME [--from challenger] [--to champion] [--force]
     vaegan models sample|reconstruct|interpolate|edit|attributes URI ... (-o PNG)
     vaegan models serve URI [--host H] [--port P] [--max-body-bytes N] [--max-output-values N]
@@ -316,6 +317,16 @@ def _add_bench(sub) -> None:
     st.add_argument("--steps", type=int, default=5, help="timed steps per variant (default 5)")
     st.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     st.set_defaults(func=_bench_step)
+    tr = bench_sub.add_parser("train", help="end-to-end training (Ray, data, DDP, reports, checkpoints, "
+                              "MLflow) beside the bare step, and where a step's time goes")
+    tr.add_argument("--preset", default="mnist32", help="default mnist32 (the demo)")
+    _add_overrides(tr)
+    tr.add_argument("--workers", type=int, default=1, help="Ray Train workers (default 1)")
+    tr.add_argument("--threads", type=int, default=2, help="CPUs (threads) per worker (default 2)")
+    tr.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
+    tr.add_argument("--warmup", type=int, default=20, help="first steps not counted (default 20)")
+    tr.add_argument("--json", action="store_true", help="print the report as JSON")
+    tr.set_defaults(func=_bench_train)
 
 
 def _bench_step(args: argparse.Namespace) -> None:
@@ -325,6 +336,16 @@ def _bench_step(args: argparse.Namespace) -> None:
 
     for row in bench_step(args.preset, args.overrides, steps=args.steps, warmup=args.warmup):
         print(json.dumps(row), flush=True)
+
+
+def _bench_train(args: argparse.Namespace) -> None:
+    import json
+
+    from vaegan.bench_train import bench_train, format_report
+
+    report = bench_train(args.preset, args.overrides, workers=args.workers, threads=args.threads,
+                         steps=args.steps, warmup=args.warmup)
+    print(json.dumps(report) if args.json else format_report(report), flush=True)
 
 
 def _models_tracking(args: argparse.Namespace) -> str:

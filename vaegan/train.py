@@ -311,7 +311,9 @@ def loop(w: Worker, config: dict) -> None:
         # do not walk into the same NaN (rollbacks=0: exactly the uninterrupted run's).
         loader = make_loader(cfg.data.shards, epoch=state.epoch, start_batch=state.batch,
                              seed=T.seed + 7919 * state.rollbacks, **loader_kw)
+        progress.lap()
         for images in loader:
+            progress.lap("data")  # waiting for the next batch
             images = images.to(w.device, memory_format=w.memory_format, non_blocking=True)
             if _fires(w.nans, state.step + 1):  # fault drill
                 images = torch.full_like(images, float("nan"))
@@ -323,6 +325,7 @@ def loop(w: Worker, config: dict) -> None:
             except Divergence as e:  # raised on every rank at the same point
                 roll_back(w, progress, e)
                 break
+            progress.lap("step")  # forward, backward, gradient all-reduce, optimizer steps
             state.step += 1
             state.batch += 1
             if w.rank == 0 and config.get("fault"):
@@ -415,13 +418,30 @@ def roll_back(w: Worker, progress: Progress, err: Divergence) -> None:
 
 @dataclass
 class Progress:
-    """The step breakdowns since the last report, and the clock for the ETA."""
+    """The step breakdowns since the last report, the clock for the ETA, and where the time
+    of the steps since the last report went (`lap`), reported as time_PHASE metrics."""
 
     start_step: int
     steps: int
     window: list = field(default_factory=list)
     t_window: float = field(default_factory=time.time)
     t_start: float = field(default_factory=time.time)
+    phases: dict = field(default_factory=dict)
+    t_lap: float = field(default_factory=time.perf_counter)
+
+    def lap(self, phase: str | None = None) -> None:
+        """Charge the time since the last lap to `phase` (None: to nothing, a restart)."""
+        now = time.perf_counter()
+        if phase:
+            self.phases[phase] = self.phases.get(phase, 0.0) + now - self.t_lap
+        self.t_lap = now
+
+    def phase_metrics(self, steps: int) -> dict[str, float]:
+        """{time_PHASE: seconds per step} over the last `steps` steps (this rank's clock);
+        then the phases start again."""
+        out = {f"time_{k}": v / max(steps, 1) for k, v in self.phases.items()}
+        self.phases = {}
+        return out
 
 
 def report(w: Worker, progress: Progress, loader, register: bool) -> None:
@@ -436,24 +456,32 @@ def report(w: Worker, progress: Progress, loader, register: bool) -> None:
     fresh = step > w.logged_through  # a restart or a rollback redoes steps that MLflow holds
     metrics = None
     if step % T.log_every == 0 or last or eval_due:
+        steps = len(progress.window)
         metrics = _window_metrics(progress.window, time.time() - progress.t_window, w.cfg.data.batch_size,
                                   loader, distributed)
+        progress.lap("report")
         if w.evaluator and eval_due:  # rank 0 only; the others wait at the report below
             metrics.update(w.evaluator())
+            progress.lap("eval")
+        metrics.update(progress.phase_metrics(steps))
         progress.window, progress.t_window = [], time.time()
         if fresh:
             w.logger.log_metrics(metrics, step)
             w.logged_through = step
         if w.rank == 0:
             _print_progress(step, T.steps, metrics, progress.start_step, progress.t_start)
+        progress.lap("logging")
     if w.rank == 0 and (step % T.image_every == 0 or last) and fresh:
         samples, recons = image_grids(w.model, w.fixed_z, w.real)
         w.logger.log_image(samples, "samples", step)
         w.logger.log_image(recons, "reconstructions", step)
+        progress.lap("images")
     if step % T.checkpoint_every == 0 or last:
         _report_checkpoint(w, metrics, last, register)
+        progress.lap("checkpoint")  # writing it, and the report barrier
     elif metrics is not None:  # a barrier on every rank; reaches Tune too (with its step)
         ray.train.report({**metrics, "step": step})
+        progress.lap("report")
     _maybe_kill(w)
 
 

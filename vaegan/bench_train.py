@@ -1,0 +1,162 @@
+"""`vaegan bench train`: the whole service around the step, beside the bare step.
+
+Runs the real training (`vaegan.train.fit`: Ray Train, the WebDataset reader, DDP, metric
+reports, checkpoints, MLflow logging, evaluation as configured) for a fixed number of steps,
+and in the same process times the bare step (`TrainStep` on in-memory batches, one process,
+the same global batch, precision and layout, workers x threads threads). Reported:
+
+    images_per_s        end to end: the images of every report window after the warm-up
+                        over the time those windows took (the loop's own clock, all ranks)
+    bare_images_per_s   the bare step; `ratio` = end to end / bare
+    per_step_ms         where a step's time goes on rank 0 (the loop's time_* metrics): data
+                        (waiting for a batch), step (forward, backward, gradient all-reduce,
+                        optimizer), report (the metric reduction and Ray's report barrier),
+                        eval, logging, images, checkpoint
+    allreduce_ms        one all-reduce of the three networks' gradients between two local
+                        gloo processes (what DDP exchanges per step; measured apart, since
+                        inside the step it overlaps the backward)
+
+Ray start-up, data preparation and the first `warmup` steps are not counted.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+from vaegan.config import Config, load_config
+
+PHASES = ("data", "step", "report", "eval", "logging", "images", "checkpoint")
+
+
+def bare_step(cfg: Config, batch: int, threads: int, steps: int, warmup: int) -> float:
+    """Images/s of TrainStep alone on random in-memory batches of `batch`, `threads` threads."""
+    from vaegan.model import VAEGAN
+    from vaegan.step import TrainStep
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        model = VAEGAN(cfg.model).to(memory_format=layout)
+        step = TrainStep.for_model(model, cfg)
+        m = cfg.model
+        x = (torch.rand(batch, m.channels, m.image_size, m.image_size) * 2 - 1).to(memory_format=layout)
+        times = []
+        for i in range(warmup + steps):
+            t = time.perf_counter()
+            step(x)
+            if i >= warmup:
+                times.append(time.perf_counter() - t)
+        return batch / statistics.median(times)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _allreduce_rank(rank: int, numel: int, port: int, repeats: int, out: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        t = torch.ones(numel)
+        dist.all_reduce(t)  # warm-up: connections
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            dist.all_reduce(t)
+            times.append(time.perf_counter() - start)
+        if rank == 0:
+            with open(out, "w") as f:
+                f.write(str(statistics.median(times)))
+    finally:
+        dist.destroy_process_group()
+
+
+def allreduce_seconds(numel: int, repeats: int = 10) -> float:
+    """Median seconds of one gloo all-reduce of `numel` floats between two local processes."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.NamedTemporaryFile(suffix=".txt") as f:
+        mp.spawn(_allreduce_rank, args=(numel, port, repeats, f.name), nprocs=2, join=True)
+        return float(open(f.name).read())
+
+
+def bench_train(preset: str = "mnist32", overrides: list[str] | None = None, *, workers: int = 1,
+                threads: int = 2, steps: int = 200, warmup: int = 20) -> dict:
+    """Train `steps` steps of `preset` with `workers` Ray workers of `threads` CPUs each, and
+    time the bare step beside it; -> the report (module docstring)."""
+    import mlflow
+
+    from vaegan.model import VAEGAN, param_count
+    from vaegan.step import resolve_precision
+    from vaegan.train import fit
+
+    tmp = tempfile.mkdtemp(prefix="vaegan-bench-train-")
+    base = [f"train.storage_path={tmp}/runs", f"tracking.tracking_uri=sqlite:///{tmp}/mlflow.db",
+            "train.log_every=10"]
+    cfg = load_config(preset, overrides=[*base, *(overrides or []), f"train.num_workers={workers}",
+                                         f"train.cpus_per_worker={threads}", f"train.steps={steps}",
+                                         f"train.name=bench-{int(time.time())}"])
+    global_batch = workers * cfg.data.batch_size
+    bare = bare_step(cfg, global_batch, workers * threads, steps=max(5, steps // 10), warmup=3)
+    res = fit(cfg)
+    client = mlflow.MlflowClient(res.tracking_uri)
+
+    def history(name: str) -> dict[int, float]:
+        return {m.step: m.value for m in client.get_metric_history(res.mlflow_run_id, name)}
+
+    rates = {s: v for s, v in history("images_per_s").items() if s > warmup}
+    if not rates:
+        raise ValueError(f"no report after the warm-up of {warmup} steps; raise --steps above it")
+    # Each report covers the steps since the one before; its images over its seconds.
+    reported = sorted(history("images_per_s"))
+    spans = {s: s - prev for prev, s in zip([0, *reported], reported, strict=False) if s in rates}
+    seconds = sum(spans[s] * global_batch / rates[s] for s in rates)
+    end_to_end = sum(spans.values()) * global_batch / seconds
+    per_step = {}
+    for phase in PHASES:  # seconds per step in each report window, weighted by its steps
+        h = history(f"time_{phase}")
+        span = sum(spans[s] for s in spans if s in h)
+        if span:
+            per_step[phase] = 1000 * sum(h[s] * spans[s] for s in spans if s in h) / span
+    grads = param_count(VAEGAN(cfg.model))
+    allreduce = allreduce_seconds(grads) if workers > 1 else 0.0
+    return {
+        "preset": preset, "workers": workers, "threads_per_worker": threads, "global_batch": global_batch,
+        "precision": resolve_precision(cfg.train.precision, torch.device("cpu")),
+        "channels_last": cfg.train.channels_last, "steps": steps,
+        "warmup": warmup, "images_per_s": round(end_to_end, 1), "bare_images_per_s": round(bare, 1),
+        "ratio": round(end_to_end / bare, 3) if bare else math.nan,
+        "per_step_ms": {k: round(v, 2) for k, v in per_step.items()},
+        "bare_step_ms": round(1000 * global_batch / bare, 2),
+        "allreduce_ms": round(1000 * allreduce, 2), "gradients": grads, "mlflow_run": res.mlflow_run_id,
+    }
+
+
+def format_report(r: dict) -> str:
+    lines = [f"vaegan bench train: {r['preset']}, {r['workers']} worker(s) x {r['threads_per_worker']} "
+             f"thread(s), global batch {r['global_batch']}, precision {r['precision']}, "
+             f"{r['steps']} steps ({r['warmup']} warm-up)",
+             f"  {'end to end':<28} {r['images_per_s']:>9.1f} images/s",
+             f"  {'bare step, one process':<28} {r['bare_images_per_s']:>9.1f} images/s",
+             f"  {'ratio':<28} {r['ratio']:>9.3f}",
+             f"  per step (rank 0), ms; the bare step takes {r['bare_step_ms']:.1f}:"]
+    for phase, ms in r["per_step_ms"].items():
+        lines.append(f"    {phase:<26} {ms:>9.2f}")
+    if r["workers"] > 1:
+        lines.append(f"  {'gradient all-reduce (gloo)':<28} {r['allreduce_ms']:>9.2f} ms "
+                     f"({r['gradients']:,} values, measured apart)")
+    return "\n".join(lines)
