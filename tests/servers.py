@@ -74,9 +74,10 @@ def mlflow_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_local():
+def ray_local(s3_server):
     """A real local Ray for the test session (8 logical CPUs over the 2 cores, so a sweep's
-    trials and workers all fit; see PLATFORM.md)."""
+    trials and workers all fit; docs/platform.md#ray-tune). After the S3 server: Ray's worker
+    processes inherit the environment ray.init saw, and S3 tests need its AWS_* variables."""
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

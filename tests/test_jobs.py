@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 import mlflow
@@ -24,7 +25,11 @@ def test_ray_job_submit_trains_and_registers(ray_head, mlflow_server, tmp_path_f
            f"tracking.tracking_uri={mlflow_server}", f"train.storage_path={tmp_path / 'runs'}",
            "train.name=job", "train.steps=4", "train.num_workers=2", "train.log_every=2",
            "tracking.model_name=job-model", "tracking.log_checkpoints=false"]
-    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    for _ in range(30):  # a head just started may not have its job agent yet (answers 500)
+        done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        if "No available agent to submit job" not in done.stderr:
+            break
+        time.sleep(2)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "succeeded" in done.stdout and "[vaegan] done: job at step 4" in done.stdout
     client = mlflow.MlflowClient(mlflow_server)

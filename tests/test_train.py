@@ -75,26 +75,21 @@ def test_stopped_run_resumes_at_its_checkpoint_in_the_same_mlflow_run(
     assert res.step == 6
 
 
-def test_worker_failure_restarts_from_the_latest_checkpoint(tmp_path, mnist_shards, mlflow_server,
-                                                            ray_local, monkeypatch):
-    monkeypatch.setenv(FAULT_ENV, f"5:{tmp_path / 'fault-marker'}")
-    cfg = train_cfg(tmp_path, mnist_shards, mlflow_server, "train.name=restarted",
-                    "train.max_failures=1", "train.checkpoint_every=2")
-    res = fit(cfg)
-    assert res.step == 6 and (tmp_path / "fault-marker").exists()
-
-
-def test_checkpoints_to_s3(tmp_path, mnist_shards, mlflow_server, ray_local, s3_bucket):
+def test_a_failed_worker_restarts_from_its_checkpoint_on_s3(tmp_path, mnist_shards, mlflow_server,
+                                                           ray_local, s3_bucket, monkeypatch):
+    """Checkpoints on S3, and rank 0 failing after step 5: Ray restarts the workers, which
+    resume from the step-4 checkpoint read back from S3."""
     import s3fs
 
-    cfg = train_cfg(tmp_path, mnist_shards, mlflow_server, "train.name=on-s3",
-                    f"train.storage_path={s3_bucket}/runs", "tracking.log_checkpoints=false")
+    monkeypatch.setenv(FAULT_ENV, f"5:{tmp_path / 'fault-marker'}")
+    cfg = train_cfg(tmp_path, mnist_shards, mlflow_server, "train.name=on-s3", "train.max_failures=1",
+                    f"train.storage_path={s3_bucket}/runs", "train.checkpoint_every=2")
     res = fit(cfg)
-    fs = s3fs.S3FileSystem()
-    files = fs.find(f"{s3_bucket}/runs/on-s3")
-    assert any(f.endswith("model.pt") for f in files)
-    assert any(f.endswith("state.json") for f in files)
-    assert res.step == 6
+    assert res.step == 6 and (tmp_path / "fault-marker").exists()
+    files = s3fs.S3FileSystem().find(f"{s3_bucket}/runs/on-s3")
+    assert any(f.endswith("model.pt") for f in files) and any(f.endswith("manifest.json") for f in files)
+    history = mlflow.MlflowClient(mlflow_server).get_metric_history(res.mlflow_run_id, "kl_prior")
+    assert sorted(m.step for m in history) == [2, 4, 6]  # steps 5-6 redone, logged once
 
 
 def test_too_many_workers_is_a_clear_error(tmp_path, mnist_shards, mlflow_server, ray_local):
@@ -108,7 +103,7 @@ def test_unreachable_mlflow_fails_before_workers_start(tmp_path, mnist_shards):
     from servers import free_port
 
     uri = f"http://127.0.0.1:{free_port()}"
-    cfg = train_cfg(tmp_path, mnist_shards, uri)
+    cfg = train_cfg(tmp_path, mnist_shards, uri, "tracking.start_wait_seconds=0")
     with pytest.raises(TrackingError, match=f"MLflow tracking server {uri} is unreachable"):
         fit(cfg)
 
