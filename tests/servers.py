@@ -95,7 +95,10 @@ def ray_head(tmp_path_factory):
     (`ray stop` would kill every Ray on the machine). Token auth is explicitly disabled:
     everything is on 127.0.0.1 and the same choice is made for the head and the clients.
     """
-    env = {**env_with_venv(), "RAY_AUTH_MODE": "disabled"}
+    # A fresh head inherits no other Ray's addresses (a driver of an earlier test may have set
+    # RAY_ADDRESS / RAY_API_SERVER_ADDRESS in this process): its job agent would not register.
+    env = {k: v for k, v in env_with_venv().items() if not k.startswith("RAY_")}
+    env["RAY_AUTH_MODE"] = "disabled"
     port, dash = free_port(), free_port()
     log_path = tmp_path_factory.mktemp("ray-head") / "head.log"
     log = open(log_path, "wb")
