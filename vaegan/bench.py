@@ -5,8 +5,9 @@ it): a discriminator pass on detached fakes and its update, then a fresh discrim
 forward for the VAE and GAN terms and separate backward passes for the encoder and decoder.
 It is here as the yardstick, not used for training.
 
-Reported per variant: GFLOP per image per step (counted by torch's FlopCounterMode, so
-independent of the machine) and images per second (median over timed steps after warm-up).
+Reported per variant: GFLOP per image per step (counted with torch's formulas, so
+independent of the machine) and images per second (median over timed steps after warm-up,
+the variants taking turns step by step so that other jobs on the machine slow them alike).
 """
 
 from __future__ import annotations
@@ -24,7 +25,21 @@ from vaegan.step import TrainStep, make_optimizer, precision_context, resolve_pr
 
 
 class PlainStep:
-    """Algorithm 1 transcribed plainly (the yardstick; updates Dis before Enc/Dec's forward)."""
+    """Algorithm 1 transcribed plainly: the yardstick of `vaegan bench step`.
+
+    (1) Dis forward on [x; x~; x_p] with the fakes detached, a backward into Dis's weights,
+    and Dis steps; (2) a fresh Dis forward (Dis has changed) and two backward passes, each
+    restricted to one network's parameters: Enc's of L_prior + L_llike, Dec's of
+    gamma * L_llike - L_GAN. That is the fewest traversals this order allows (the two cannot
+    be one backward: Enc's and Dec's objectives differ by terms that reach both through the
+    decoder). Per image at celeba64: Dis 2 forwards, 1 weight pass, 2 input-gradient passes;
+    Dec 1 forward, 1 weight pass, 1 input-gradient pass; Enc 1 of each: 23.4 GFLOP. The model
+    and batching are the step's (one Dec batch [z; z_p], one Dis batch [x; x~; x_p]), so batch
+    norm normalises the same samples together; tests/test_bench_step.py checks its gradients.
+    It always runs recipe=paper with the minimax decoder objective (celeba64's settings): with
+    loss.generator=nonsaturating (mnist32) the step does one more Dis input-gradient pass than
+    this and the comparison is not like for like.
+    """
 
     def __init__(self, model: VAEGAN, cfg: Config):
         self.model, self.cfg = model, cfg
@@ -63,12 +78,15 @@ class PlainStep:
             opt.step()
 
 
-def _variant(name: str, cfg: Config, channels_last: bool):
+def _variant(name: str, cfg: Config, channels_last: bool, compiled: bool = False):
     model = VAEGAN(cfg.model)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
-    step = TrainStep.for_model(model, cfg) if name == "vaegan" else PlainStep(model, cfg)
-    return model, step, fmt
+    if name == "vaegan":
+        cfg = copy.deepcopy(cfg)
+        cfg.train.compile = compiled
+        return model, TrainStep.for_model(model, cfg), fmt
+    return model, PlainStep(model, cfg), fmt
 
 
 class _FlopCounter:
@@ -112,28 +130,53 @@ def count_gflop_per_image(cfg: Config, name: str) -> float:
 def bench_step(preset: str = "celeba64", overrides: list[str] | None = None, steps: int = 5,
                warmup: int = 2, variants: tuple[str, ...] = ("vaegan", "plain"),
                layouts: tuple[bool, ...] = (False, True)) -> list[dict]:
-    """Time each variant x memory layout; returns one dict per combination."""
+    """Time each variant x memory layout (x eager/compiled for the step when
+    train.compile=true); returns one dict per combination.
+
+    The combinations take turns, one step each, in an order reversed every round, so a
+    machine whose speed drifts (other jobs) slows them alike; each row is the median of its
+    timed steps. `vs_plain` is the row's speed over the plain port's at the same layout (the
+    median over rounds of the two step times' ratio); `noise` is the interquartile range of
+    the row's step times over their median."""
     cfg = load_config(preset, overrides=overrides or [])
     m = cfg.model
+    combos = [(name, channels_last, compiled) for name in variants for channels_last in layouts
+              for compiled in ((False, True) if name == "vaegan" and cfg.train.compile
+                               else (False,))]
+    gflop = {name: count_gflop_per_image(cfg, name) for name in variants}
+    runs = []
+    for name, channels_last, compiled in combos:
+        torch.manual_seed(0)
+        _, step, fmt = _variant(name, cfg, channels_last, compiled)
+        x = (torch.rand(cfg.data.batch_size, m.channels, m.image_size, m.image_size) * 2 - 1
+             ).contiguous(memory_format=fmt)
+        t = time.perf_counter()
+        step(x)  # the first step also compiles, when compiled
+        runs.append({"step": step, "x": x, "first": time.perf_counter() - t, "times": []})
+    for _ in range(warmup):
+        for r in runs:
+            r["step"](r["x"])
+    for i in range(steps):
+        for r in runs if i % 2 == 0 else runs[::-1]:
+            t = time.perf_counter()
+            r["step"](r["x"])
+            r["times"].append(time.perf_counter() - t)
     rows = []
-    for name in variants:
-        gflop = count_gflop_per_image(cfg, name)
-        for channels_last in layouts:
-            torch.manual_seed(0)
-            model, step, fmt = _variant(name, cfg, channels_last)
-            x = (torch.rand(cfg.data.batch_size, m.channels, m.image_size, m.image_size) * 2 - 1
-                 ).contiguous(memory_format=fmt)
-            times = []
-            for i in range(warmup + steps):
-                t = time.perf_counter()
-                step(x)
-                if i >= warmup:
-                    times.append(time.perf_counter() - t)
-            sec = statistics.median(times)
-            precision = step.precision
-            rows.append({"step": name, "preset": preset, "batch": cfg.data.batch_size,
-                         "channels_last": channels_last, "precision": precision,
-                         "gflop_per_image": round(gflop, 2), "seconds_per_step": round(sec, 3),
-                         "images_per_s": round(cfg.data.batch_size / sec, 1),
-                         "threads": torch.get_num_threads()})
+    for (name, channels_last, compiled), r in zip(combos, runs, strict=True):
+        sec = statistics.median(r["times"])
+        q = statistics.quantiles(r["times"], n=4) if len(r["times"]) > 1 else [sec, sec, sec]
+        row = {"step": name, "preset": preset, "batch": cfg.data.batch_size,
+               "channels_last": channels_last, "precision": r["step"].precision,
+               "gflop_per_image": round(gflop[name], 2), "seconds_per_step": round(sec, 3),
+               "images_per_s": round(cfg.data.batch_size / sec, 1),
+               "noise": round((q[2] - q[0]) / sec, 3), "threads": torch.get_num_threads()}
+        if cfg.train.compile:
+            row.update(compiled=compiled, first_step_s=round(r["first"], 1))
+        rows.append(row)
+    for row, r in zip(rows, runs, strict=True):
+        plain = [p for c, p in zip(combos, runs, strict=True)
+                 if c[0] == "plain" and c[1] == row["channels_last"]]
+        if plain:  # the median of same-round ratios: a burst of other work hits both
+            row["vs_plain"] = round(statistics.median(
+                p / max(t, 1e-9) for p, t in zip(plain[0]["times"], r["times"], strict=True)), 3)
     return rows

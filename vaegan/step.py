@@ -9,7 +9,7 @@
     theta_Dis <- theta_Dis - grad_Dis (L_GAN)              # Dis descends the BCE
 
 All three gradients are taken at the same parameter values, then the three optimizers
-step, exactly as written. The step is computed with little waste (PAPER.md, "An efficient
+step, exactly as written. The step is computed with little waste (docs/method.md#efficient-step, "An efficient
 step"): each network runs one forward; the decoder output and the discriminator input are
 cut into leaves so that different gradients can be routed into each network:
 
@@ -22,6 +22,11 @@ cut into leaves so that different gradients can be routed into each network:
 
 Batch norm over a concatenated batch couples its samples, so g_ll also has an x_p part and
 g_gan an x~ part; both are routed. Single device: no Ray, MLflow or torch.distributed.
+
+train.compile=true runs the same phases as one pure function under torch.compile: each
+backward pass then returns its gradients (torch.autograd.grad, which the compiler traces)
+instead of accumulating them into .grad (see `_backward`). One worker only: DDP all-reduces
+gradients as they are accumulated.
 """
 
 from __future__ import annotations
@@ -108,6 +113,15 @@ class TrainStep:
         self.mean_across_ranks = mean_across_ranks or (lambda t: t)
         self.precision = resolve_precision(cfg.train.precision, self.device)
         self.step_count = 0
+        self._compiled = None
+        if cfg.train.compile:
+            if any(isinstance(n, nn.parallel.DistributedDataParallel)
+                   for n in (encoder, decoder, discriminator)):
+                # The compiled step returns its gradients instead of accumulating them, so
+                # DDP's hooks (which fire on accumulation) would never all-reduce them.
+                raise ValueError("train.compile=true runs on one worker only (DDP-wrapped "
+                                 "networks given); set train.num_workers=1 or compile=false")
+            self._compiled = torch.compile(self._gradients_as_values)
 
     @classmethod
     def for_model(cls, model: VAEGAN, cfg: Config, **kw) -> TrainStep:
@@ -145,13 +159,53 @@ class TrainStep:
             noise = tuple(torch.randn(b, latent, generator=self.generator, device=self.device)
                           for _ in range(2))
         eps, z_p = noise
-        return {"vaegan": self._vaegan, "vae": self._vae, "gan": self._gan}[self.cfg.loss.mode](
-            x, eps, z_p)
+        if self._compiled is None:
+            return self._mode_fn()(x, eps, z_p)
+        with torch._dynamo.config.patch(trace_autograd_ops=True):  # trace autograd.grad
+            terms, grads = self._compiled(x, eps, z_p)
+        metrics = self._metrics(*terms)
+        for net, values in grads.items():  # accumulated, as the eager backward passes do
+            for p, g in zip(_params(getattr(self, net)), values, strict=True):
+                p.grad = g if p.grad is None else p.grad + g
+        return metrics
+
+    def _mode_fn(self):
+        return {"vaegan": self._vaegan, "vae": self._vae, "gan": self._gan}[self.cfg.loss.mode]
+
+    def _gradients_as_values(self, x: torch.Tensor, eps: torch.Tensor, z_p: torch.Tensor):
+        """The step as a pure function for torch.compile: (loss terms, {net: gradients}).
+        Everything is returned, nothing accumulated into .grad, and the terms are detached,
+        so the compiled graph has no backward of its own and every gradient a phase does not
+        use (e.g. Dis's weight gradient of L_llike) is dead code."""
+        grads: dict[str, list[torch.Tensor]] = {}
+        terms = self._mode_fn()(x, eps, z_p, grads)
+        return [t.detach() if t is not None else None for t in terms], grads
 
     def _autocast(self):
         return precision_context(self.precision, self.device)
 
-    def _vaegan(self, x: torch.Tensor, eps: torch.Tensor, z_p: torch.Tensor) -> StepMetrics:
+    def _backward(self, tensors, grad_tensors, nets: tuple[str, ...], inputs=(),
+                  retain_graph: bool = False, sink: dict | None = None) -> list[torch.Tensor]:
+        """One backward traversal: the gradient into the parameters of `nets` and at the
+        leaves `inputs` (returned). Eager (sink None): accumulated into .grad, so DDP's hooks
+        all-reduce it. Compiled: torch.autograd.grad (what torch.compile traces), the
+        parameter gradients put into `sink` by network name."""
+        params = [_params(getattr(self, n)) for n in nets]
+        flat = [p for ps in params for p in ps]
+        if sink is None:
+            torch.autograd.backward(tensors, grad_tensors, inputs=[*flat, *inputs],
+                                    retain_graph=retain_graph)
+            return [t.grad for t in inputs]
+        grads = torch.autograd.grad(tensors, [*flat, *inputs], grad_tensors,
+                                    retain_graph=retain_graph)
+        i = 0
+        for n, ps in zip(nets, params, strict=True):
+            sink[n] = list(grads[i:i + len(ps)])
+            i += len(ps)
+        return list(grads[i:])
+
+    def _vaegan(self, x: torch.Tensor, eps: torch.Tensor, z_p: torch.Tensor,
+                sink: dict | None = None):
         L, b = self.cfg.loss, x.shape[0]
         with self._autocast():
             mu, log_var = self.enc(x)
@@ -172,8 +226,9 @@ class TrainStep:
         ll = llike_dis_l(feats_real.detach(), feats_recon)
         # recipe=reference: the authors' Dis loss leaves x~ out.
         gan = gan_bce(logit_real, logit_recon if L.recipe == "paper" else None, logit_prior)
-        metrics = self._metrics(kl, ll, torch.zeros(()), gan, logit_real, logit_recon,
-                                logit_prior)
+        terms = (kl, ll, torch.zeros(()), gan, logit_real, logit_recon, logit_prior)
+        if sink is None:  # eager: one host sync, before any backward (and any DDP exchange)
+            metrics = self._metrics(*terms)
 
         # (1) L_llike -> gradient at the fakes through Dis's first l layers only. Dis's
         #     weights receive nothing: Dis_l is a fixed metric for the VAE terms.
@@ -181,24 +236,23 @@ class TrainStep:
         # (2) L_GAN -> Dis's weights (descend the BCE) and the BCE's gradient at the fakes,
         #     in one traversal of Dis.
         ns = L.generator == "nonsaturating"
-        torch.autograd.backward(gan, inputs=[*_params(self.dis), fake_in], retain_graph=ns)
+        (g_gan,) = self._backward(gan, None, ("dis",), [fake_in], retain_graph=ns, sink=sink)
         if ns:  # Dec descends -log Dis(fake) over the fakes the GAN loss uses
             fakes = torch.cat([logit_recon, logit_prior]) if L.recipe == "paper" else logit_prior
             (g_adv,) = torch.autograd.grad(generator_nonsaturating(fakes), fake_in)
         else:  # minimax: Dec ascends the BCE, i.e. minus Dis's gradient at the fakes
-            g_adv = -fake_in.grad
+            g_adv = -g_gan
         a, c = (L.gamma, 1.0) if L.recipe == "paper" else (L.w, 1.0 - L.w)
         # (3) Dec: gamma * grad L_llike - grad L_GAN (recipe=reference: w and 1 - w).
-        torch.autograd.backward(fake, a * g_ll + c * g_adv, inputs=_params(self.dec),
-                                retain_graph=True)
+        self._backward(fake, a * g_ll + c * g_adv, ("dec",), retain_graph=True, sink=sink)
         # (4) Enc: grad (L_prior + L_llike). g_ll goes back through Dec to z (input gradient
         #     only; Dec's weights are done), then through the reparameterisation into Enc.
         (g_z,) = torch.autograd.grad(fake, z_in, g_ll)
-        torch.autograd.backward([kl, z], [torch.ones_like(kl), g_z[:b]],
-                                inputs=_params(self.enc))
-        return metrics
+        self._backward([kl, z], [torch.ones_like(kl), g_z[:b]], ("enc",), sink=sink)
+        return metrics if sink is None else terms
 
-    def _vae(self, x: torch.Tensor, eps: torch.Tensor, z_p: torch.Tensor) -> StepMetrics:
+    def _vae(self, x: torch.Tensor, eps: torch.Tensor, z_p: torch.Tensor,
+             sink: dict | None = None):
         """The paper's baseline: a VAE with a pixel-wise Gaussian error; Enc and Dec both
         descend L_prior + L_llike^pixel. Dis is not used."""
         with self._autocast():
@@ -207,11 +261,14 @@ class TrainStep:
         kl = kl_prior(mu.float(), log_var.float())
         ll = llike_pixel(x, x_recon)
         zero = torch.zeros(())
-        metrics = self._metrics(kl, zero, ll, zero, None, None, None)
-        (kl + ll).backward()
-        return metrics
+        terms = (kl, zero, ll, zero, None, None, None)
+        if sink is None:
+            metrics = self._metrics(*terms)
+        self._backward(kl + ll, None, ("enc", "dec"), sink=sink)
+        return metrics if sink is None else terms
 
-    def _gan(self, x: torch.Tensor, eps: torch.Tensor, z_p: torch.Tensor) -> StepMetrics:
+    def _gan(self, x: torch.Tensor, eps: torch.Tensor, z_p: torch.Tensor,
+             sink: dict | None = None):
         """The paper's GAN baseline: no encoder; Dis on [x; x_p]."""
         L, b = self.cfg.loss, x.shape[0]
         with self._autocast():
@@ -221,15 +278,17 @@ class TrainStep:
         logit_real, logit_prior = logits.split(b)
         gan = gan_bce(logit_real, None, logit_prior)
         zero = torch.zeros(())
-        metrics = self._metrics(zero, zero, zero, gan, logit_real, None, logit_prior)
+        terms = (zero, zero, zero, gan, logit_real, None, logit_prior)
+        if sink is None:
+            metrics = self._metrics(*terms)
         ns = L.generator == "nonsaturating"
-        torch.autograd.backward(gan, inputs=[*_params(self.dis), fake_in], retain_graph=ns)
+        (g_gan,) = self._backward(gan, None, ("dis",), [fake_in], retain_graph=ns, sink=sink)
         if ns:
             (g_adv,) = torch.autograd.grad(generator_nonsaturating(logit_prior), fake_in)
         else:
-            g_adv = -fake_in.grad
-        torch.autograd.backward(x_p, g_adv, inputs=_params(self.dec))
-        return metrics
+            g_adv = -g_gan
+        self._backward(x_p, g_adv, ("dec",), sink=sink)
+        return metrics if sink is None else terms
 
     # -- helpers -------------------------------------------------------------------------
 
