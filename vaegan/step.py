@@ -9,8 +9,8 @@
     theta_Dis <- theta_Dis - grad_Dis (L_GAN)              # Dis descends the BCE
 
 All three gradients are taken at the same parameter values, then the three optimizers
-step, exactly as written. The step is computed with little waste (docs/method.md#efficient-step, "An efficient
-step"): each network runs one forward; the decoder output and the discriminator input are
+step, exactly as written. The step is computed with little waste (docs/method.md#efficient-step):
+each network runs one forward; the decoder output and the discriminator input are
 cut into leaves so that different gradients can be routed into each network:
 
     Dis  forward over [x; x~; x_p]             -> logits, Dis_l
