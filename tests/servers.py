@@ -7,6 +7,7 @@ subprocess (or, for Ray, in-process) and stops it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -166,3 +167,22 @@ def s3_bucket(s3_server):
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@contextlib.contextmanager
+def scoring_server(args: list[str], port: int, env: dict[str, str], log_path: Path):
+    """A model server (`mlflow models serve ...`, `vaegan models serve ...`) as a subprocess in
+    its own session; yields its URL once /ping answers, then stops the whole session (the
+    server and the uvicorn it starts)."""
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            wait_http(f"http://127.0.0.1:{port}/ping", proc, timeout=180, log=log_path)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()

@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import time
 import uuid
-from contextlib import contextmanager
 from importlib.metadata import version
 
 import mlflow
@@ -21,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from servers import BIN, env_with_venv, free_port, wait_http
+from servers import BIN, env_with_venv, free_port, scoring_server
 
 from vaegan import cli
 from vaegan.artifact import ModelError
@@ -278,26 +275,13 @@ def test_register_alias_and_load_by_every_uri(tracking, checkpoint):
         load_model(f"models:/{unique('nope')}@champion")
 
 
-@contextmanager
 def serving(model_uri: str, tracking_uri: str, log_path):
     """`mlflow models serve` as a subprocess (the venv's bin on PATH: it starts uvicorn by name)."""
     port = free_port()
-    env = {**env_with_venv(), "MLFLOW_TRACKING_URI": tracking_uri, "VAEGAN_DEVICE": "cpu"}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
-             "-h", "127.0.0.1", "-p", str(port)],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            wait_http(f"http://127.0.0.1:{port}/ping", proc, timeout=180)
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)  # its own session: the server and its uvicorn
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+    return scoring_server(
+        [str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
+         "-h", "127.0.0.1", "-p", str(port)],
+        port, {**env_with_venv(), "MLFLOW_TRACKING_URI": tracking_uri, "VAEGAN_DEVICE": "cpu"}, log_path)
 
 
 @pytest.mark.slow

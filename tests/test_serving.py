@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import subprocess
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -21,7 +18,7 @@ import numpy as np
 import pytest
 import requests
 import yaml
-from servers import BIN, env_with_venv, free_port, wait_http
+from servers import BIN, env_with_venv, free_port, scoring_server
 
 from vaegan.artifact import ModelError
 from vaegan.checkpoint import TrainState, save_checkpoint
@@ -160,25 +157,12 @@ MAX_BODY = 100_000
 MAX_OUTPUT = 4 * 1024
 
 
-@contextmanager
 def vaegan_serve(model_uri: str, tracking_uri: str, log_path: Path):
     port = free_port()
-    env = {**env_with_venv(), "MLFLOW_TRACKING_URI": tracking_uri}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [str(BIN / "vaegan"), "models", "serve", model_uri, "--host", "127.0.0.1", "--port", str(port),
-             "--max-body-bytes", str(MAX_BODY), "--max-output-values", str(MAX_OUTPUT), "--device", "cpu"],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            wait_http(f"http://127.0.0.1:{port}/ping", proc, timeout=180, log=log_path)
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+    return scoring_server(
+        [str(BIN / "vaegan"), "models", "serve", model_uri, "--host", "127.0.0.1", "--port", str(port),
+         "--max-body-bytes", str(MAX_BODY), "--max-output-values", str(MAX_OUTPUT), "--device", "cpu"],
+        port, {**env_with_venv(), "MLFLOW_TRACKING_URI": tracking_uri}, log_path)
 
 
 @pytest.mark.slow
