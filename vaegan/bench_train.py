@@ -82,15 +82,12 @@ def _allreduce_rank(rank: int, numel: int, port: int, repeats: int, out: str) ->
 
 def allreduce_seconds(numel: int, repeats: int = 10) -> float:
     """Median seconds of one gloo all-reduce of `numel` floats between two local processes."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from vaegan.cluster import free_port
+
     with tempfile.NamedTemporaryFile(suffix=".txt") as f:
-        mp.spawn(_allreduce_rank, args=(numel, port, repeats, f.name), nprocs=2, join=True)
+        mp.spawn(_allreduce_rank, args=(numel, free_port(), repeats, f.name), nprocs=2, join=True)
         return float(open(f.name).read())
 
 

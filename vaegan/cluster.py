@@ -35,7 +35,7 @@ from vaegan.errors import UserError
 
 DEFAULT_STORAGE = "runs"  # relative to where the driver starts; made absolute
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's State API clients look first
-_started: list[str] = []  # the GCS address of the local Ray that `connect` started, if any
+_started_gcs: str | None = None  # the GCS address of the local Ray that `connect` started, if any
 _started_api_server: str | None = None  # API_SERVER_ENV before `connect` set it
 
 
@@ -62,14 +62,14 @@ def connect(cpus_needed: float = 1, *, min_cpus: int = 0) -> None:
     # host: with a second local Ray around (another user's, a test session's) it died with
     # "Found multiple active Ray instances" and a traceback. RAY_API_SERVER_ADDRESS, set before
     # init so every Ray process started here inherits it, points it at this Ray's dashboard.
-    global _started_api_server
-    port = _free_port()
+    global _started_api_server, _started_gcs
+    port = free_port()
     _started_api_server = os.environ.get(API_SERVER_ENV)
     os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
     ray.init(address="local", num_cpus=max(min_cpus, os.cpu_count() or 1, math.ceil(cpus_needed)),
              include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=True,
              runtime_env={"worker_process_setup_hook": "vaegan.cluster.quiet_local_worker"})
-    _started.append(ray.get_runtime_context().gcs_address)
+    _started_gcs = ray.get_runtime_context().gcs_address
 
 
 def quiet_local_worker() -> None:
@@ -110,17 +110,17 @@ def shutdown() -> None:
     session's), is left running."""
     import ray
 
-    if not _started or not ray.is_initialized():
-        _started.clear()
+    global _started_gcs
+    started, _started_gcs = _started_gcs, None
+    if started is None or not ray.is_initialized():
         return
-    if ray.get_runtime_context().gcs_address == _started[-1]:
+    if ray.get_runtime_context().gcs_address == started:
         _wait_for_detached_actors()
         ray.shutdown()
         if _started_api_server is None:
             os.environ.pop(API_SERVER_ENV, None)
         else:
             os.environ[API_SERVER_ENV] = _started_api_server
-    _started.clear()
 
 
 TUNE_COPIED_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN",
@@ -148,8 +148,6 @@ def _wait_for_detached_actors(timeout: float = 10.0) -> None:
     """Give Ray Train's placement-group watcher (detached, so it outlives the trainer) the
     moment it needs to see its controller gone and exit by itself: stopped mid-poll, it
     prints a traceback."""
-    import time
-
     from ray.util.state import list_actors
 
     deadline = time.time() + timeout
@@ -165,9 +163,8 @@ def _wait_for_detached_actors(timeout: float = 10.0) -> None:
         time.sleep(0.5)
 
 
-def _free_port() -> int:
-    import socket
-
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the OS picks it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -340,7 +337,6 @@ class RunLease:
     def __init__(self, storage: Storage, name: str, ttl_s: float):
         run = storage.child(name)
         self.url, self.path = f"{run.url}/{LEASE}", f"{run.path}/{LEASE}"
-        self.local = storage.filesystem is None
         self.fs = storage.filesystem.handler.fs if storage.filesystem is not None else None
         self.name, self.ttl_s = name, ttl_s
         self.owner = {"token": uuid.uuid4().hex, "job": _job_id(), "host": socket.gethostname(),
@@ -352,7 +348,7 @@ class RunLease:
         """The lease as stored; None when there is none (or it is unreadable: a lease is
         replaced whole, so that is not another live run's)."""
         try:
-            raw = Path(self.path).read_bytes() if self.local else self.fs.cat_file(self.path)
+            raw = Path(self.path).read_bytes() if self.fs is None else self.fs.cat_file(self.path)
             held = json.loads(raw)
             return held if isinstance(held, dict) else None
         except FileNotFoundError:
@@ -417,7 +413,7 @@ class RunLease:
         try:
             held = self.read()
             if held and held.get("token") == self.owner["token"]:
-                if self.local:
+                if self.fs is None:
                     Path(self.path).unlink(missing_ok=True)
                 else:
                     self.fs.rm_file(self.path)
