@@ -36,8 +36,10 @@ class PromotionError(ModelError):
     """A promotion refused: the challenger is worse, or cannot be compared (see --force)."""
 
 
-def register(model_uri: str, name: str, alias: str | None = None, retry_seconds: float = 0.0) -> str:
-    """Register a logged model under `name` as a new version; point `alias` at it if given.
+def register(model_uri: str, name: str, alias: str | None = None, retry_seconds: float = 0.0,
+             tags: dict[str, str] | None = None) -> str:
+    """Register a logged model under `name` as a new version (with version `tags`, set as it
+    is created); point `alias` at it if given.
 
     No alias is needed for "latest": MLflow reserves that name, and `models:/NAME/latest`
     always resolves to the newest version, which this one now is.
@@ -55,7 +57,7 @@ def register(model_uri: str, name: str, alias: str | None = None, retry_seconds:
             for v in mlflow.MlflowClient().search_model_versions(f"name='{_q(name)}'"):
                 if model_uri in (v.source, f"models:/{getattr(v, 'model_id', None)}"):
                     return v
-        return mlflow.register_model(model_uri, name)
+        return mlflow.register_model(model_uri, name, tags=tags)
 
     uri = mlflow.get_tracking_uri()
     version = retry(register_once, seconds=retry_seconds, what=f"registering {model_uri} as {name!r}",

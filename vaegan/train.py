@@ -578,7 +578,7 @@ def _report_checkpoint(w: Worker, metrics: dict | None, last: bool, register: bo
                          checkpoint=ray.train.Checkpoint.from_directory(str(path)))
         # MLflow keeps the final model and the best checkpoint by tracking.best_metric; the
         # final one is logged (and registered) once per run and step
-        final = last and register and not _run_versions(w, at_step=True)
+        final = last and register and not _registered_at_this_step(w)
         w.logger.log_checkpoint(path, w.state.step, metrics, final=final)
         _maybe_kill(w)  # fault drills: a death between the final checkpoint and the registration
         if final:
@@ -586,17 +586,17 @@ def _report_checkpoint(w: Worker, metrics: dict | None, last: bool, register: bo
 
             uri = register_model(w.logger.log_final_model(path, w.state.step, metrics),
                                  w.cfg.tracking.model_name,
-                                 retry_seconds=w.logger.grace_left())  # MLflow may be restarting
-            _tag_step(w)
+                                 retry_seconds=w.logger.grace_left(),  # MLflow may be restarting
+                                 tags={STEP_TAG: str(w.state.step)})
             say(f"[vaegan] registered {uri}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _run_versions(w: Worker, at_step: bool = False) -> list:
-    """The versions of tracking.model_name that this MLflow run registered (`at_step`: of
-    this step's weights, by their STEP_TAG). A run restarted after its final checkpoint
-    reports it again; this keeps that from registering a second version."""
+def _registered_at_this_step(w: Worker) -> list:
+    """The versions of tracking.model_name that this MLflow run registered from this step's
+    weights (their STEP_TAG). A run restarted after its final checkpoint reports it again;
+    this keeps that from registering a second version."""
     import mlflow
 
     from vaegan.tracking import retry
@@ -605,18 +605,7 @@ def _run_versions(w: Worker, at_step: bool = False) -> list:
     versions = retry(lambda: mlflow.MlflowClient(w.tracking_uri).search_model_versions(
         f"name='{name}' and run_id='{w.state.mlflow_run_id}'"), seconds=w.logger.grace_left(),
         what=f"looking up the versions of {name!r} this run registered", uri=w.tracking_uri)
-    return [v for v in versions if not at_step or v.tags.get(STEP_TAG) == str(w.state.step)]
-
-
-def _tag_step(w: Worker) -> None:
-    import mlflow
-
-    from vaegan.tracking import retry
-
-    v = max(_run_versions(w), key=lambda v: int(v.version))
-    retry(lambda: mlflow.MlflowClient(w.tracking_uri).set_model_version_tag(
-        v.name, v.version, STEP_TAG, str(w.state.step)), seconds=w.logger.grace_left(),
-        what=f"tagging version {v.version} of {v.name!r}", uri=w.tracking_uri)
+    return [v for v in versions if v.tags.get(STEP_TAG) == str(w.state.step)]
 
 
 # ---------------------------------------------------------------------------------------

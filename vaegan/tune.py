@@ -531,6 +531,7 @@ def _rows(grid, cfg: Config, opts: SweepOptions) -> list[TrialRow]:
 
     client = mlflow.MlflowClient(cfg.tracking.tracking_uri)
     experiment_id = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    keys = list(search_spec(cfg, opts))  # the searched keys, as each trial's params
     rows = []
     for result in grid:
         m = result.metrics or {}
@@ -547,7 +548,7 @@ def _rows(grid, cfg: Config, opts: SweepOptions) -> list[TrialRow]:
         history = result.metrics_dataframe
         rows.append(TrialRow(
             trial_id=trial_id, run_id=run[0].info.run_id if run else "",
-            params={k: result.config[k] for k in search_spec(cfg, opts) if k in result.config},
+            params={k: result.config[k] for k in keys if k in result.config},
             status=status, step=step, reports=0 if history is None else len(history),
             value=float(m.get(opts.metric, math.nan)), checkpoint_path=m.get("checkpoint_path", ""),
             error="" if not result.error else str(result.error).strip().splitlines()[-1][:300]))
@@ -581,7 +582,8 @@ def _summarise(res: SweepResult, cfg: Config, opts: SweepOptions) -> None:
             client.set_terminated(r.run_id, status="KILLED")
         elif r.status == "failed":
             client.set_terminated(r.run_id, status="FAILED")
-    keys = list(search_spec(cfg, opts))
+    space = search_spec(cfg, opts)
+    keys = list(space)
     table = {k: [getattr(r, k) for r in res.rows]
              for k in ("trial_id", "run_id", "status", "step", "reports")}
     table.update({k: [r.params.get(k) for r in res.rows] for k in keys})
@@ -590,7 +592,7 @@ def _summarise(res: SweepResult, cfg: Config, opts: SweepOptions) -> None:
     client.log_table(res.parent_run_id, data=table, artifact_file="sweep/trials.json")
     client.log_text(res.parent_run_id, format_table(res), "sweep/trials.md")
     x = keys[0]
-    client.log_figure(res.parent_run_id, plot(res, opts, x, search_spec(cfg, opts)[x][0]),
+    client.log_figure(res.parent_run_id, plot(res, opts, x, space[x][0]),
                       f"sweep/{opts.metric}_vs_{x.rpartition('.')[2]}.png")
     res.best = best_row(res.rows, opts.mode)
     if res.best:
