@@ -97,7 +97,9 @@ def ray_head(tmp_path_factory):
     everything is on 127.0.0.1 and the same choice is made for the head and the clients.
     """
     # A fresh head inherits no other Ray's addresses (a driver of an earlier test may have set
-    # RAY_ADDRESS / RAY_API_SERVER_ADDRESS in this process): its job agent would not register.
+    # RAY_ADDRESS / RAY_API_SERVER_ADDRESS in this process), and its dashboard agent listens on
+    # a free port: the default 52365 is held by the session's `ray_local`, and a head whose agent
+    # cannot bind answers every job submission "No available agent".
     env = {k: v for k, v in env_with_venv().items() if not k.startswith("RAY_")}
     env["RAY_AUTH_MODE"] = "disabled"
     port, dash = free_port(), free_port()
@@ -106,7 +108,7 @@ def ray_head(tmp_path_factory):
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
          "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         "--include-dashboard=true"],
+         "--include-dashboard=true", f"--dashboard-agent-listen-port={free_port()}"],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
     try:

@@ -82,7 +82,7 @@ def write_lease(lease: RunLease, renewed_ago: float, **owner) -> None:
     """What another driver's lease looks like, written straight into storage."""
     body = {"token": "other", "job": "raysubmit_other", "host": "node-7", "pid": 4242,
             "started": "2026-01-01T00:00:00Z", "renewed": time.time() - renewed_ago, "ttl_s": 30.0, **owner}
-    if lease.local:
+    if lease.fs is None:
         Path(lease.path).parent.mkdir(parents=True, exist_ok=True)
         Path(lease.path).write_text(json.dumps(body))
     else:
