@@ -48,7 +48,9 @@ def own_objectives(model, cfg, x, eps, z_p):
     paper = L.recipe == "paper"
     gan = gan_bce(lr, lt if paper else None, lp)
     a, c = (L.gamma, 1.0) if paper else (L.w, 1 - L.w)
-    if L.generator == "minimax":
+    if L.mode == "vae_dis_l":
+        dec_obj = ll  # VAE_Dis_l: no adversarial term for Dec (and nothing for gamma to weigh)
+    elif L.generator == "minimax":
         dec_obj = a * ll - c * gan  # Dec ascends the BCE
     else:
         dec_obj = a * ll + c * generator_nonsaturating(torch.cat([lt, lp]) if paper else lp)
@@ -77,6 +79,22 @@ def test_each_network_gets_exactly_its_own_gradient(debug_cfg, recipe, generator
     expected = own_objectives(reference_model, debug_cfg, x, eps, z_p)
     for name in ("encoder", "decoder", "discriminator"):
         assert_grads_close(grads(getattr(model, name)), expected[name], name)
+
+
+@pytest.mark.parametrize("recipe", ["paper", "reference"])
+def test_vae_dis_l_mode_is_vaegan_without_the_decoders_gan_term(debug_cfg, recipe):
+    """The paper's VAE_Dis_l baseline: Enc and Dis as in VAE/GAN, Dec descends L_llike only."""
+    model, step = make(debug_cfg, mode="vae_dis_l", recipe=recipe, generator="nonsaturating", gamma=0.3)
+    x, (eps, z_p) = batch(debug_cfg), noise(debug_cfg)
+    reference_model = copy.deepcopy(model)
+    step.compute_gradients(x, (eps, z_p))
+    expected = own_objectives(reference_model, debug_cfg, x, eps, z_p)
+    for name in ("encoder", "decoder", "discriminator"):
+        assert_grads_close(grads(getattr(model, name)), expected[name], name)
+    # and the equilibrium rule never pauses a decoder that plays no game
+    step = TrainStep.for_model(model, debug_cfg, mean_across_ranks=lambda t: torch.tensor((0.68, 1.2)))
+    debug_cfg.loss.equilibrium = True
+    assert step(x).skip_dec == 0
 
 
 def test_gan_loss_never_reaches_the_encoder(debug_cfg):

@@ -141,7 +141,7 @@ def _add_tune(sub) -> None:
     _add_overrides(p)
     p.add_argument("--name", default="", help="the sweep's name (default TRAIN_NAME-sweep)")
     p.add_argument("--grid", action="append", default=[], type=_space_arg("grid"), metavar="KEY=V1,V2",
-                   help="try every value of a config key, e.g. loss.mode=vae,vaegan,gan (repeatable)")
+                   help="try every value of a config key, e.g. loss.mode=vae,vae_dis_l,gan,vaegan")
     p.add_argument("--loguniform", action="append", default=[], type=_space_arg("range"),
                    metavar="KEY=LOW:HIGH", help="draw a key log-uniformly, e.g. loss.gamma=1e-4:1 "
                    "(repeatable)")

@@ -66,10 +66,16 @@ class ModelConfig:
         _check(ok, "model.dis_layer", self.dis_layer, f"-1 (last conv) or 1..{n_convs}")
 
 
+MODES = ("vaegan", "vae", "vae_dis_l", "gan")
+"""The paper's model and its three baselines (docs/method.md#baselines)."""
+
+
 @dataclass
 class LossConfig:
     mode: str = "vaegan"
-    """vaegan (the paper's model) | vae (pixel-wise Gaussian VAE baseline) | gan (no encoder)."""
+    """vaegan (the paper's model) | vae (pixel-wise Gaussian VAE baseline) | vae_dis_l (the
+    paper's VAE_Dis_l: reconstruction error in Dis_l of a discriminator trained as a GAN, no
+    adversarial term for the decoder) | gan (no encoder)."""
     recipe: str = "paper"
     """paper (Algorithm 1) | reference (the authors' code: no x_tilde in the GAN loss, convex
     decoder weight w, equilibrium rule)."""
@@ -88,7 +94,7 @@ class LossConfig:
     equilibrium_margin: float = 0.35
 
     def validate(self) -> None:
-        _choice("loss", "mode", self.mode, ("vaegan", "vae", "gan"))
+        _choice("loss", "mode", self.mode, MODES)
         _choice("loss", "recipe", self.recipe, ("paper", "reference"))
         _choice("loss", "generator", self.generator, ("minimax", "nonsaturating"))
         _check(self.gamma >= 0 and math.isfinite(self.gamma), "loss.gamma", self.gamma,

@@ -20,6 +20,9 @@ cut into leaves so that different gradients can be routed into each network:
     Dec  input-grad of g_ll                     -> g_z        (no GAN part reaches Enc)
     Enc  backward of L_prior + <z, g_z>         -> Enc grads
 
+loss.mode=vae_dis_l (the paper's VAE_Dis_l) runs the same passes with no adversarial term
+in Dec's gradient; vae and gan are the other baselines (docs/method.md#baselines).
+
 Batch norm over a concatenated batch couples its samples, so g_ll also has an x_p part and
 g_gan an x~ part; both are routed. Single device: no Ray, MLflow or torch.distributed.
 
@@ -170,7 +173,8 @@ class TrainStep:
         return metrics
 
     def _mode_fn(self):
-        return {"vaegan": self._vaegan, "vae": self._vae, "gan": self._gan}[self.cfg.loss.mode]
+        return {"vaegan": self._vaegan, "vae_dis_l": self._vaegan, "vae": self._vae,
+                "gan": self._gan}[self.cfg.loss.mode]
 
     def _gradients_as_values(self, x: torch.Tensor, eps: torch.Tensor, z_p: torch.Tensor):
         """The step as a pure function for torch.compile: (loss terms, {net: gradients}).
@@ -206,7 +210,10 @@ class TrainStep:
 
     def _vaegan(self, x: torch.Tensor, eps: torch.Tensor, z_p: torch.Tensor,
                 sink: dict | None = None):
+        """VAE/GAN, and VAE_Dis_l (mode=vae_dis_l): the same networks and passes, but the
+        decoder's objective is L_llike alone; Dis still learns L_GAN, which shapes Dis_l."""
         L, b = self.cfg.loss, x.shape[0]
+        adversarial = L.mode == "vaegan"
         with self._autocast():
             mu, log_var = self.enc(x)
             z = reparameterize(mu.float(), log_var.float(), eps)
@@ -236,15 +243,20 @@ class TrainStep:
         # (2) L_GAN -> Dis's weights (descend the BCE) and the BCE's gradient at the fakes,
         #     in one traversal of Dis.
         ns = L.generator == "nonsaturating"
-        (g_gan,) = self._backward(gan, None, ("dis",), [fake_in], retain_graph=ns, sink=sink)
-        if ns:  # Dec descends -log Dis(fake) over the fakes the GAN loss uses
-            fakes = torch.cat([logit_recon, logit_prior]) if L.recipe == "paper" else logit_prior
-            (g_adv,) = torch.autograd.grad(generator_nonsaturating(fakes), fake_in)
-        else:  # minimax: Dec ascends the BCE, i.e. minus Dis's gradient at the fakes
-            g_adv = -g_gan
-        a, c = (L.gamma, 1.0) if L.recipe == "paper" else (L.w, 1.0 - L.w)
+        if not adversarial:  # VAE_Dis_l: Dis's weights only; Dec needs no GAN gradient
+            self._backward(gan, None, ("dis",), sink=sink)
+            g_dec = g_ll  # gamma weighs content against style: here there is no style
+        else:
+            (g_gan,) = self._backward(gan, None, ("dis",), [fake_in], retain_graph=ns, sink=sink)
+            if ns:  # Dec descends -log Dis(fake) over the fakes the GAN loss uses
+                fakes = torch.cat([logit_recon, logit_prior]) if L.recipe == "paper" else logit_prior
+                (g_adv,) = torch.autograd.grad(generator_nonsaturating(fakes), fake_in)
+            else:  # minimax: Dec ascends the BCE, i.e. minus Dis's gradient at the fakes
+                g_adv = -g_gan
+            a, c = (L.gamma, 1.0) if L.recipe == "paper" else (L.w, 1.0 - L.w)
+            g_dec = a * g_ll + c * g_adv
         # (3) Dec: gamma * grad L_llike - grad L_GAN (recipe=reference: w and 1 - w).
-        self._backward(fake, a * g_ll + c * g_adv, ("dec",), retain_graph=True, sink=sink)
+        self._backward(fake, g_dec, ("dec",), retain_graph=True, sink=sink)
         # (4) Enc: grad (L_prior + L_llike). g_ll goes back through Dec to z (input gradient
         #     only; Dec's weights are done), then through the reparameterisation into Enc.
         (g_z,) = torch.autograd.grad(fake, z_in, g_ll)
@@ -322,6 +334,7 @@ class TrainStep:
         if L.use_equilibrium and L.mode != "vae":
             skip_dis, skip_dec = equilibrium(real_cost, fake_cost, L.equilibrium_target,
                                              L.equilibrium_margin)
+            skip_dec = skip_dec and L.mode != "vae_dis_l"  # its Dec plays no game to pause
         return StepMetrics(loss=kl_ + ll_dis_ + ll_pix_ + gan_, kl_prior=kl_,
                            llike_dis_l=ll_dis_, llike_pixel=ll_pix_, gan_bce=gan_,
                            d_real=d_real, d_recon=d_recon, d_prior=d_prior,
