@@ -19,6 +19,7 @@ import time
 import torch
 
 from vaegan.config import Config, load_config
+from vaegan.errors import UserError
 from vaegan.losses import gan_bce, kl_prior, llike_dis_l
 from vaegan.model import VAEGAN, reparameterize
 from vaegan.step import TrainStep, make_optimizer, precision_context, resolve_precision
@@ -55,9 +56,9 @@ class PlainStep:
         amp = lambda: precision_context(self.precision, x.device)
         with amp():
             mu, log_var = enc(x)
-            z = reparameterize(mu.float(), log_var.float(), torch.randn(b, latent))
+            z = reparameterize(mu.float(), log_var.float(), torch.randn(b, latent, device=x.device))
             # the same model as ours: one Dec batch [z; z_p] (batch norm statistics over both)
-            x_tilde, x_p = dec(torch.cat([z, torch.randn(b, latent)])).split(b)
+            x_tilde, x_p = dec(torch.cat([z, torch.randn(b, latent, device=x.device)])).split(b)
             # (1) Update Dis: descend the BCE on x, x~ and x_p (fakes detached)
             logits, _ = dis(torch.cat([x, x_tilde.detach(), x_p.detach()]))
         opt_dis.zero_grad()
@@ -78,10 +79,26 @@ class PlainStep:
             opt.step()
 
 
-def _variant(name: str, cfg: Config, channels_last: bool, compiled: bool = False):
+def resolve_bench_device(device: str) -> torch.device:
+    """auto: the first CUDA device where there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: this machine has no CUDA device; use cpu or auto")
+    return torch.device(device)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so a wall-clock time covers it (CUDA runs async)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _variant(name: str, cfg: Config, channels_last: bool, compiled: bool = False,
+             device: torch.device | str = "cpu"):
     model = VAEGAN(cfg.model)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
+    model = model.to(device, memory_format=fmt)
     if name == "vaegan":
         cfg = copy.deepcopy(cfg)
         cfg.train.compile = compiled
@@ -129,7 +146,7 @@ def count_gflop_per_image(cfg: Config, name: str) -> float:
 
 def bench_step(preset: str = "celeba64", overrides: list[str] | None = None, steps: int = 5,
                warmup: int = 2, variants: tuple[str, ...] = ("vaegan", "plain"),
-               layouts: tuple[bool, ...] = (False, True)) -> list[dict]:
+               layouts: tuple[bool, ...] = (False, True), device: str = "auto") -> list[dict]:
     """Time each variant x memory layout (x eager/compiled for the step when
     train.compile=true); returns one dict per combination.
 
@@ -139,6 +156,9 @@ def bench_step(preset: str = "celeba64", overrides: list[str] | None = None, ste
     median over rounds of the two step times' ratio); `noise` is the interquartile range of
     the row's step times over their median."""
     cfg = load_config(preset, overrides=overrides or [])
+    dev = resolve_bench_device(device)
+    if dev.type == "cuda":  # fixed shapes: let cuDNN pick its kernels, as training does
+        torch.backends.cudnn.benchmark = True
     m = cfg.model
     combos = [(name, channels_last, compiled) for name in variants for channels_last in layouts
               for compiled in ((False, True) if name == "vaegan" and cfg.train.compile
@@ -147,19 +167,22 @@ def bench_step(preset: str = "celeba64", overrides: list[str] | None = None, ste
     runs = []
     for name, channels_last, compiled in combos:
         torch.manual_seed(0)
-        _, step, fmt = _variant(name, cfg, channels_last, compiled)
-        x = (torch.rand(cfg.data.batch_size, m.channels, m.image_size, m.image_size) * 2 - 1
+        _, step, fmt = _variant(name, cfg, channels_last, compiled, dev)
+        x = (torch.rand(cfg.data.batch_size, m.channels, m.image_size, m.image_size, device=dev) * 2 - 1
              ).contiguous(memory_format=fmt)
         t = time.perf_counter()
         step(x)  # the first step also compiles, when compiled
+        synchronize(dev)
         runs.append({"step": step, "x": x, "first": time.perf_counter() - t, "times": []})
     for _ in range(warmup):
         for r in runs:
             r["step"](r["x"])
     for i in range(steps):
         for r in runs if i % 2 == 0 else runs[::-1]:
+            synchronize(dev)
             t = time.perf_counter()
             r["step"](r["x"])
+            synchronize(dev)
             r["times"].append(time.perf_counter() - t)
     rows = []
     for (name, channels_last, compiled), r in zip(combos, runs, strict=True):
@@ -169,7 +192,8 @@ def bench_step(preset: str = "celeba64", overrides: list[str] | None = None, ste
                "channels_last": channels_last, "precision": r["step"].precision,
                "gflop_per_image": round(gflop[name], 2), "seconds_per_step": round(sec, 3),
                "images_per_s": round(cfg.data.batch_size / sec, 1),
-               "noise": round((q[2] - q[0]) / sec, 3), "threads": torch.get_num_threads()}
+               "noise": round((q[2] - q[0]) / sec, 3), "threads": torch.get_num_threads(),
+               "device": str(dev)}
         if cfg.train.compile:
             row.update(compiled=compiled, first_step_s=round(r["first"], 1))
         rows.append(row)

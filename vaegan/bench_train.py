@@ -34,24 +34,31 @@ from vaegan.config import Config, load_config
 PHASES = ("data", "step", "report", "eval", "logging", "images", "checkpoint")
 
 
-def bare_step(cfg: Config, batch: int, threads: int, steps: int, warmup: int) -> float:
-    """Images/s of TrainStep alone on random in-memory batches of `batch`, `threads` threads."""
+def bare_step(cfg: Config, batch: int, threads: int, steps: int, warmup: int,
+              device: torch.device | str = "cpu") -> float:
+    """Images/s of TrainStep alone on random in-memory batches of `batch`, `threads` threads,
+    on `device`."""
+    from vaegan.bench import synchronize
     from vaegan.model import VAEGAN
     from vaegan.step import TrainStep
 
+    device = torch.device(device)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         torch.manual_seed(0)
         layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-        model = VAEGAN(cfg.model).to(memory_format=layout)
+        model = VAEGAN(cfg.model).to(device, memory_format=layout)
         step = TrainStep.for_model(model, cfg)
         m = cfg.model
-        x = (torch.rand(batch, m.channels, m.image_size, m.image_size) * 2 - 1).to(memory_format=layout)
+        x = (torch.rand(batch, m.channels, m.image_size, m.image_size, device=device) * 2 - 1
+             ).to(memory_format=layout)
         times = []
         for i in range(warmup + steps):
+            synchronize(device)
             t = time.perf_counter()
             step(x)
+            synchronize(device)
             if i >= warmup:
                 times.append(time.perf_counter() - t)
         return batch / statistics.median(times)
@@ -108,7 +115,11 @@ def bench_train(preset: str = "mnist32", overrides: list[str] | None = None, *, 
                                          f"train.cpus_per_worker={threads}", f"train.steps={steps}",
                                          f"train.name=bench-{int(time.time())}"])
     global_batch = workers * cfg.data.batch_size
-    bare = bare_step(cfg, global_batch, workers * threads, steps=max(5, steps // 10), warmup=3)
+    # On GPUs the yardstick is one GPU (the bare step at one worker's batch), times the workers.
+    device = torch.device("cuda" if cfg.train.use_gpu else "cpu")
+    per_device = cfg.data.batch_size if cfg.train.use_gpu else global_batch
+    bare = bare_step(cfg, per_device, workers * threads, steps=max(5, steps // 10), warmup=3,
+                     device=device) * (workers if cfg.train.use_gpu else 1)
     res = fit(cfg)
     client = mlflow.MlflowClient(res.tracking_uri)
 
@@ -133,7 +144,7 @@ def bench_train(preset: str = "mnist32", overrides: list[str] | None = None, *, 
     allreduce = allreduce_seconds(grads) if workers > 1 else 0.0
     return {
         "preset": preset, "workers": workers, "threads_per_worker": threads, "global_batch": global_batch,
-        "precision": resolve_precision(cfg.train.precision, torch.device("cpu")),
+        "precision": resolve_precision(cfg.train.precision, device), "device": device.type,
         "channels_last": cfg.train.channels_last, "steps": steps,
         "warmup": warmup, "images_per_s": round(end_to_end, 1), "bare_images_per_s": round(bare, 1),
         "ratio": round(end_to_end / bare, 3) if bare else math.nan,

@@ -316,6 +316,7 @@ def _add_bench(sub) -> None:
     _add_overrides(st)
     st.add_argument("--steps", type=int, default=5, help="timed steps per variant (default 5)")
     st.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    st.add_argument("--device", default="auto", help="auto (a GPU where there is one) | cpu | cuda[:N]")
     st.set_defaults(func=_bench_step)
     tr = bench_sub.add_parser("train", help="end-to-end training (Ray, data, DDP, reports, checkpoints, "
                               "MLflow) beside the bare step, and where a step's time goes")
@@ -334,7 +335,8 @@ def _bench_step(args: argparse.Namespace) -> None:
 
     from vaegan.bench import bench_step
 
-    for row in bench_step(args.preset, args.overrides, steps=args.steps, warmup=args.warmup):
+    for row in bench_step(args.preset, args.overrides, steps=args.steps, warmup=args.warmup,
+                          device=args.device):
         print(json.dumps(row), flush=True)
 
 

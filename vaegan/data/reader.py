@@ -276,8 +276,9 @@ class ShardLoader:
     def __init__(self, shards: str, manifest: dict, *, batch_size: int, rank: int, world_size: int,
                  split: str, loader_workers: int, shuffle_buffer: int, flip: bool, seed: int, epoch: int,
                  start_batch: int, with_attributes: bool, s3_endpoint: str, max_corrupt_fraction: float,
-                 io_retry_seconds: float = storage.IO_RETRY_SECONDS):
+                 io_retry_seconds: float = storage.IO_RETRY_SECONDS, pin_memory: bool = False):
         self.shards, self.manifest, self.split = shards, manifest, split
+        self.pin_memory = pin_memory
         self.location = storage.Location(shard_folder(shards), s3_endpoint)
         self.s3_endpoint = s3_endpoint
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
@@ -328,8 +329,10 @@ class ShardLoader:
     def __iter__(self):
         order = epoch_order(self.manifest["splits"][self.split]["shards"], self.seed, self.epoch,
                             shuffle=self.shuffle_buffer > 0)
+        # Pinned (page-locked) batches let the trainer's .to(cuda, non_blocking=True) copy
+        # asynchronously, overlapped with the step it follows.
         dl = DataLoader(_ShardStream(self, order), batch_size=None, num_workers=self.loader_workers,
-                        persistent_workers=False)
+                        persistent_workers=False, pin_memory=self.pin_memory)
         self._counts = {}
         pending, expected = {}, self.start_batch
         for kind, b, images, attrs, worker, stats in dl:
@@ -352,9 +355,10 @@ def make_loader(shards: str, *, batch_size: int, rank: int = 0, world_size: int 
                 loader_workers: int = 0, shuffle_buffer: int = 1000, flip: bool = False, seed: int = 0,
                 epoch: int = 0, start_batch: int = 0, with_attributes: bool = False, s3_endpoint: str = "",
                 max_corrupt_fraction: float = 0.01,
-                io_retry_seconds: float = storage.IO_RETRY_SECONDS) -> ShardLoader:
+                io_retry_seconds: float = storage.IO_RETRY_SECONDS, pin_memory: bool = False) -> ShardLoader:
     """One epoch of batches for `rank` of `world_size` from the shards at `shards` (a folder
-    or s3://bucket/prefix written by `prepare`). See the module docstring."""
+    or s3://bucket/prefix written by `prepare`), in pinned memory if `pin_memory` (for a CUDA
+    trainer). See the module docstring."""
     checks = [
         (isinstance(batch_size, int) and batch_size >= 1, "batch_size", batch_size, "an integer >= 1"),
         (isinstance(world_size, int) and world_size >= 1, "world_size", world_size, "an integer >= 1"),
@@ -375,7 +379,7 @@ def make_loader(shards: str, *, batch_size: int, rank: int = 0, world_size: int 
                        loader_workers=loader_workers, shuffle_buffer=shuffle_buffer, flip=flip, seed=seed,
                        epoch=epoch, start_batch=start_batch, with_attributes=with_attributes,
                        s3_endpoint=s3_endpoint, max_corrupt_fraction=max_corrupt_fraction,
-                       io_retry_seconds=io_retry_seconds)
+                       io_retry_seconds=io_retry_seconds, pin_memory=pin_memory)
 
 
 def covering_batch_size(split_samples: int, wanted: int, cap: int) -> int:
