@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "vaegan"
 
 # Lower layers first; a module may import from its own layer and the ones below it.
-CORE = {"vaegan", "vaegan.errors", "vaegan.config", "vaegan.model", "vaegan.losses", "vaegan.step"}
+CORE = {"vaegan", "vaegan.errors", "vaegan.config", "vaegan.model", "vaegan.losses", "vaegan.step",
+        "vaegan.ema"}
 ENTRY = {"vaegan.cli", "vaegan.demo"}
 LAYERS = ("core", "data", "service", "entry")
 

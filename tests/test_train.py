@@ -6,9 +6,12 @@ from __future__ import annotations
 import mlflow
 import numpy as np
 import pytest
+import torch
 
+from vaegan.checkpoint import LIVE
 from vaegan.cluster import ClusterError
 from vaegan.config import load_config
+from vaegan.registry import load_model
 from vaegan.tracking import TrackingError
 from vaegan.train import FAULT_ENV, TrainError, fit
 
@@ -26,7 +29,7 @@ def train_cfg(tmp_path, mnist_shards, uri, *extra):
 def test_two_workers_track_everything_in_mlflow(tmp_path, mnist_shards, mlflow_server, ray_local,
                                                 featurizer):
     cfg = train_cfg(tmp_path, mnist_shards, mlflow_server, "train.name=tracked", "train.eval_every=6",
-                    "train.eval_images=64", f"train.eval_featurizer={featurizer}")
+                    "train.eval_images=64", f"train.eval_featurizer={featurizer}", "train.ema=0.9")
     res = fit(cfg)
     assert res.step == 6
     client = mlflow.MlflowClient(mlflow_server)
@@ -48,6 +51,18 @@ def test_two_workers_track_everything_in_mlflow(tmp_path, mnist_shards, mlflow_s
     model = mlflow.pyfunc.load_model(res.model_uri)
     samples = model.predict(np.zeros((1, 1, 32, 32), np.float32), params={"op": "sample", "n": 5})
     assert samples.shape == (5, 1, 32, 32) and np.abs(samples).max() <= 1
+    # train.ema: the registered model is the final checkpoint's averaged encoder and decoder,
+    # not the live weights (which the checkpoint keeps for resuming)
+    final = max((tmp_path / "runs" / "tracked").glob("*/model.pt"), key=lambda p: p.stat().st_mtime).parent
+    served = torch.load(final / "model.pt", weights_only=True)
+    live = torch.load(final / "trainer.pt", weights_only=True)[LIVE]
+    registered = load_model(res.model_uri, device="cpu", tracking_uri=mlflow_server).net.state_dict()
+    for net in ("encoder", "decoder"):
+        for k in live[net]:
+            assert torch.equal(registered[f"{net}.{k}"], served[f"{net}.{k}"]), k
+        assert any(v.is_floating_point() and not torch.equal(registered[f"{net}.{k}"], v)
+                   for k, v in live[net].items()), net
+    assert live["updates"] == 6
     # MLflow keeps the final model, which here (eval at step 6 only) is also the best: no copy
     # per checkpoint, no second copy as `best`
     logged = client.search_logged_models(experiment_ids=[run.info.experiment_id],
@@ -58,13 +73,13 @@ def test_two_workers_track_everything_in_mlflow(tmp_path, mnist_shards, mlflow_s
 def test_stopped_run_resumes_at_its_checkpoint_in_the_same_mlflow_run(
         tmp_path, mnist_shards, mlflow_server, ray_local, monkeypatch):
     cfg = train_cfg(tmp_path, mnist_shards, mlflow_server, "train.name=resumed",
-                    "train.max_failures=0", "train.checkpoint_every=2")
+                    "train.max_failures=0", "train.checkpoint_every=2", "train.ema=0.9")
     monkeypatch.setenv(FAULT_ENV, f"5:{tmp_path / 'fault-marker'}")  # dies after step 4's checkpoint
     with pytest.raises(TrainError, match="failed"):
         fit(cfg)
     monkeypatch.delenv(FAULT_ENV)
     cfg = train_cfg(tmp_path, mnist_shards, mlflow_server, "train.name=resumed",
-                    "train.checkpoint_every=2")
+                    "train.checkpoint_every=2", "train.ema=0.9")
     res = fit(cfg)
     client = mlflow.MlflowClient(mlflow_server)
     runs = client.search_runs([client.get_run(res.mlflow_run_id).info.experiment_id],
@@ -73,6 +88,8 @@ def test_stopped_run_resumes_at_its_checkpoint_in_the_same_mlflow_run(
     history = client.get_metric_history(res.mlflow_run_id, "kl_prior")
     assert sorted(m.step for m in history) == [2, 4, 6]  # step 6 logged once, after the resume
     assert res.step == 6
+    final = max((tmp_path / "runs" / "resumed").glob("*/trainer.pt"), key=lambda p: p.stat().st_mtime)
+    assert torch.load(final, weights_only=True)[LIVE]["updates"] == 6  # the average went on from 4
 
 
 def test_a_failed_worker_restarts_from_its_checkpoint_on_s3(tmp_path, mnist_shards, mlflow_server,

@@ -1,7 +1,9 @@
 """A checkpoint is a plain directory; Ray only wraps it, so resume works with or without Ray.
 
-    model.pt      the VAEGAN state_dict (three networks and their BN buffers)
-    trainer.pt    the three optimizer states and the step count, torch RNG state
+    model.pt      the VAEGAN state_dict (three networks and their BN buffers); with
+                  train.ema, the averaged encoder and decoder (what is served)
+    trainer.pt    the three optimizer states and the step count, torch RNG state; with
+                  train.ema, the live encoder and decoder too (LIVE)
     state.json    step, data position (epoch, batch), MLflow run id, vaegan version
     config.yaml   the resolved config
     manifest.json the size and sha256 of every file above, written last
@@ -31,6 +33,7 @@ from vaegan.model import VAEGAN
 
 TRAINER = "trainer.pt"  # beside the model folder's files (vaegan.artifact)
 MANIFEST = "manifest.json"
+LIVE = "live_weights"  # in trainer.pt with train.ema: {"encoder", "decoder", "updates"}
 
 
 class CheckpointError(UserError, RuntimeError):

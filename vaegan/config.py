@@ -192,6 +192,10 @@ class TrainConfig:
     compile: bool = False
     """Run the step's gradient computation under torch.compile (CPU and CUDA; one worker
     only). The first step compiles (minutes on CPU); see docs/results.md for when it pays."""
+    ema: float = 0.0
+    """Decay of an exponential moving average of the encoder's and decoder's weights, with a
+    ramp-up (vaegan.ema); the averaged networks make the image grids, the evaluation and the
+    registered model. 0: off (the live weights are served)."""
     seed: int = 0
     storage_path: str = ""
     """Where checkpoints go: a folder or s3://bucket/prefix. Empty: ./runs (absolute). On a
@@ -245,6 +249,7 @@ class TrainConfig:
         _check(self.max_rollbacks >= 0, "train.max_rollbacks", self.max_rollbacks, "an integer >= 0")
         _check(0 < self.rollback_lr_factor <= 1, "train.rollback_lr_factor", self.rollback_lr_factor,
                "a number in (0, 1]")
+        _check(0 <= self.ema < 1, "train.ema", self.ema, "a decay in [0, 1) (0: off), e.g. 0.999")
         _check(self.lease_ttl_s >= 3, "train.lease_ttl_s", self.lease_ttl_s, "a number of seconds >= 3")
         _check(bool(self.name) and "/" not in self.name, "train.name", self.name,
                "a non-empty name without '/'")

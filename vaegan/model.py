@@ -154,13 +154,19 @@ def reparameterize(mu: torch.Tensor, log_var: torch.Tensor, eps: torch.Tensor) -
 class VAEGAN(nn.Module):
     """The three networks, plus the inference-side methods users call."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, encoder: nn.Module | None = None, decoder: nn.Module | None = None,
+                 discriminator: nn.Module | None = None):
+        """New, initialised networks; or those given (e.g. the averaged ones of vaegan.ema)."""
         super().__init__()
         self.cfg = cfg
-        self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
-        self.discriminator = Discriminator(cfg)
-        self.apply(init_weights)
+        built = [Encoder(cfg) if encoder is None else None, Decoder(cfg) if decoder is None else None,
+                 Discriminator(cfg) if discriminator is None else None]
+        for net in built:
+            if net is not None:
+                net.apply(init_weights)
+        self.encoder = encoder if encoder is not None else built[0]
+        self.decoder = decoder if decoder is not None else built[1]
+        self.discriminator = discriminator if discriminator is not None else built[2]
 
     @property
     def device(self) -> torch.device:
