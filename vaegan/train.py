@@ -31,6 +31,7 @@ import torch
 
 from vaegan.artifact import WEIGHTS
 from vaegan.checkpoint import (
+    LIVE,
     TrainState,
     check_complete,
     load_trainer_state,
@@ -39,6 +40,7 @@ from vaegan.checkpoint import (
     save_checkpoint,
 )
 from vaegan.config import Config, config_from_dict, redact_text
+from vaegan.ema import EMA
 from vaegan.errors import UserError
 from vaegan.images import grid_image
 from vaegan.losses import StepMetrics
@@ -145,6 +147,13 @@ class Worker:
     tracking_uri: str = ""
     kills: list = field(default_factory=list)  # fault drills for this rank: (step, marker)
     nans: list = field(default_factory=list)
+    ema: EMA | None = None  # rank 0 with train.ema: the averaged encoder and decoder
+
+    @property
+    def served(self) -> VAEGAN:
+        """What the grids, the evaluation and the checkpoints show: the averaged networks
+        with train.ema, else the live ones."""
+        return self.ema.served if self.ema is not None else self.model
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -182,9 +191,10 @@ def set_up(config: dict) -> Worker:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = VAEGAN(cfg.model).to(device, memory_format=memory_format)
     state, trainer_state = TrainState(mlflow_run_id=config["mlflow_run_id"]), None
+    ema = EMA(model, cfg.train.ema) if cfg.train.ema and rank == 0 else None
     found, skipped = newest_complete_checkpoint(rank)
     if found:
-        state, trainer_state = load_checkpoint_into(model, device, found)
+        state, trainer_state = load_checkpoint_into(model, device, found, ema)
     base_lr = (cfg.optim.lr, cfg.optim.lr_final)
     cfg.optim.lr, cfg.optim.lr_final = (lr * state.lr_scale for lr in base_lr)  # earlier rollbacks
     enc, dec, dis = distributed.wrap(model, device, cfg.train.sync_bn)
@@ -206,7 +216,7 @@ def set_up(config: dict) -> Worker:
     w = Worker(cfg, rank, world, device, memory_format, model, step, state, logger, guard=guard,
                initial_trainer=initial_trainer, base_lr=base_lr, tracking_uri=config["tracking_uri"],
                kills=_faults(config.get("faults", {}).get(KILL_ENV, ""), rank),
-               nans=_faults(config.get("faults", {}).get(NAN_ENV, ""), rank))
+               nans=_faults(config.get("faults", {}).get(NAN_ENV, ""), rank), ema=ema)
     if rank == 0:
         w.logged_through = _last_logged_step(w.tracking_uri, state.mlflow_run_id)
         from vaegan.data import read_split
@@ -217,7 +227,7 @@ def set_up(config: dict) -> Worker:
         w.fixed_z = fixed_z.to(device)
         w.real = held_out[:16].to(device)
         if cfg.train.eval_every:
-            w.evaluator = _Evaluator(model, held_out, config["featurizer"], cfg.train.eval_images, device)
+            w.evaluator = _Evaluator(w.served, held_out, config["featurizer"], cfg.train.eval_images, device)
     return w
 
 
@@ -260,15 +270,25 @@ def _checkpoint_folders() -> tuple[Any, list[str]]:
     return fs, sorted(names, reverse=True)
 
 
-def load_checkpoint_into(model: VAEGAN, device: torch.device, path: str) -> tuple[TrainState, dict | None]:
-    """Weights into `model` from the checkpoint folder at `path` (in the run's storage);
-    -> (its train state, its optimizer states)."""
+def load_checkpoint_into(model: VAEGAN, device: torch.device, path: str,
+                         ema: EMA | None = None) -> tuple[TrainState, dict | None]:
+    """Weights into `model` (and the averages into `ema`) from the checkpoint folder at `path`
+    (in the run's storage); -> (its train state, its optimizer states)."""
     import ray.train
 
     fs = ray.train.get_context().get_storage().storage_filesystem
     with ray.train.Checkpoint(path, filesystem=fs).as_directory() as d:
         model.load_state_dict(torch.load(Path(d) / WEIGHTS, map_location=device, weights_only=True))
-        return read_state(d), load_trainer_state(d)
+        state, trainer_state = read_state(d), load_trainer_state(d)
+    # With train.ema the model file holds the averaged encoder and decoder (what is served)
+    # and the trainer state the live ones.
+    live = (trainer_state or {}).pop(LIVE, None)
+    if ema is not None:
+        ema.reset(model, live["updates"] if live else 0)  # no live weights: EMA turned on now
+    if live:
+        model.encoder.load_state_dict(live["encoder"])
+        model.decoder.load_state_dict(live["decoder"])
+    return state, trainer_state
 
 
 def _last_logged_step(uri: str, run_id: str) -> int:
@@ -328,6 +348,8 @@ def loop(w: Worker, config: dict) -> None:
                 roll_back(w, progress, e)
                 break
             progress.lap("step")  # forward, backward, gradient all-reduce, optimizer steps
+            if w.ema is not None:
+                w.ema.update(w.model)
             state.step += 1
             state.batch += 1
             if w.rank == 0 and config.get("fault"):
@@ -398,10 +420,12 @@ def roll_back(w: Worker, progress: Progress, err: Divergence) -> None:
                          "loss.gamma, or allow more rollbacks")
     found, _ = newest_complete_checkpoint(w.rank)
     if found:
-        state, trainer_state = load_checkpoint_into(w.model, w.device, found)
+        state, trainer_state = load_checkpoint_into(w.model, w.device, found, w.ema)
     else:  # diverged before the first checkpoint: start over from the initial weights
         torch.manual_seed(T.seed)
         w.model.load_state_dict(VAEGAN(w.cfg.model).state_dict())
+        if w.ema is not None:
+            w.ema.reset(w.model, 0)
         state, trainer_state = TrainState(mlflow_run_id=old.mlflow_run_id), w.initial_trainer
     state.rollbacks, state.lr_scale = old.rollbacks + 1, old.lr_scale * T.rollback_lr_factor
     w.cfg.optim.lr, w.cfg.optim.lr_final = (lr * state.lr_scale for lr in w.base_lr)
@@ -474,7 +498,7 @@ def report(w: Worker, progress: Progress, loader, register: bool) -> None:
             _print_progress(step, T.steps, metrics, progress.start_step, progress.t_start)
         progress.lap("logging")
     if w.rank == 0 and (step % T.image_every == 0 or last) and fresh:
-        samples, recons = image_grids(w.model, w.fixed_z, w.real)
+        samples, recons = image_grids(w.served, w.fixed_z, w.real)
         w.logger.log_image(samples, "samples", step)
         w.logger.log_image(recons, "reconstructions", step)
         progress.lap("images")
@@ -575,7 +599,11 @@ def _report_checkpoint(w: Worker, metrics: dict | None, last: bool, register: bo
         return
     tmp = Path(tempfile.mkdtemp(prefix="vaegan-ckpt-"))
     try:
-        path = save_checkpoint(tmp / f"step-{w.state.step:07d}", w.model, w.cfg, w.state, w.step.state_dict())
+        trainer_state = w.step.state_dict()
+        if w.ema is not None:
+            trainer_state[LIVE] = {"encoder": w.model.encoder.state_dict(),
+                                   "decoder": w.model.decoder.state_dict(), "updates": w.ema.updates}
+        path = save_checkpoint(tmp / f"step-{w.state.step:07d}", w.served, w.cfg, w.state, trainer_state)
         ray.train.report({**metrics, "step": w.state.step},
                          checkpoint=ray.train.Checkpoint.from_directory(str(path)))
         # MLflow keeps the final model and the best checkpoint by tracking.best_metric; the
@@ -670,6 +698,11 @@ def build_trainer(cfg: Config, run_id: str, uri: str, featurizer: str, storage: 
     from ray.train.torch import TorchTrainer
 
     T = cfg.train
+    # Ray Train V2's controller takes a worker's report off its one-slot queue when it polls,
+    # every 2 s by default, and the next report blocks until then: at log_every steps shorter
+    # than that, every report stalled every rank for up to 2 s (docs/platform.md). Read from
+    # this process's environment when the trainer starts its controller; a user's value wins.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "mlflow_run_id": run_id, "tracking_uri": uri,
