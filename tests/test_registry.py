@@ -356,9 +356,10 @@ def test_promote_refuses_a_worse_challenger_unless_forced(tracking, checkpoint, 
 # while, vectors from its training images, edits scored by an attribute classifier.
 
 FACES = "synthetic-faces:600"  # 540 train + 60 held-out faces, 5 attributes (fair coins)
-# ~0.1-0.35 s a step on 2 busy cores (one thread). 400 was enough on an AVX2 CPU, but on an
-# AVX-512 one (other fp32 kernels, so another model) it edited too weakly: flipped 0.60 vs
-# 0.42 unedited; 600 gave 0.70 vs 0.28 there.
+# ~0.12 s a step on 2 idle cores (channels-last, both threads; NCHW on one thread took 0.25).
+# 400 was enough on an AVX2 CPU, but on an AVX-512 one (other fp32 kernels, so another model)
+# it edited too weakly: flipped 0.60 vs 0.42 unedited; 600 gave 0.70 vs 0.28 there, and 0.68
+# vs 0.26 (others kept 0.90 each) in channels-last on an AMX one.
 FACES_STEPS = 600
 FACES_OVERRIDES = ["model.channels=3", "loss.mode=vaegan", "model.width=0.25", "model.latent_dim=32",
                    "model.enc_fc=256", "model.dis_fc=128", "optim.name=adam", "optim.lr=1e-3",
@@ -382,26 +383,18 @@ def train_small(shards: str, steps: int) -> tuple[VAEGAN, object]:
     cfg = load_config("debug", overrides=FACES_OVERRIDES)
     x = read_split(shards, 10**6, "train")
     torch.manual_seed(0)
-    net = VAEGAN(cfg.model)
+    net = VAEGAN(cfg.model).to(memory_format=torch.channels_last)  # as training runs it
     step = TrainStep.for_model(net, cfg)
     net.train()
     gen = torch.Generator().manual_seed(0)
     for _ in range(steps):
-        step(x[torch.randint(0, len(x), (cfg.data.batch_size,), generator=gen)])
+        step(x[torch.randint(0, len(x), (cfg.data.batch_size,), generator=gen)].contiguous(
+            memory_format=torch.channels_last))
     return net.eval(), cfg
 
 
-@pytest.fixture
-def one_thread():
-    """On 2 cores shared with other work, one torch thread ran a step ~6x faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
-def test_attribute_vectors_edit_faces_and_the_image_commands(tracking, faces, tmp_path, capsys, one_thread):
+def test_attribute_vectors_edit_faces_and_the_image_commands(tracking, faces, tmp_path, capsys):
     start = time.perf_counter()
     net, cfg = train_small(faces, FACES_STEPS)
     trained = time.perf_counter() - start
