@@ -76,16 +76,22 @@ def mlflow_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_local(s3_server):
-    """A real local Ray for the test session (8 logical CPUs over the 2 cores, so a sweep's
-    trials and workers all fit; docs/platform.md#ray-tune). After the S3 server: Ray's worker
-    processes inherit the environment ray.init saw, and S3 tests need its AWS_* variables."""
+    """A real local Ray for the test session, started as `vaegan train` starts one
+    (cluster.connect), with 8 logical CPUs over the 2 cores so a sweep's trials and workers
+    all fit (docs/platform.md#ray-tune). With its dashboard: Ray Train's placement-group
+    watcher asks Ray's State API whether the controller lives, and without one every run's
+    end waited 12 s for it to give up. After the S3 server: Ray's worker processes inherit
+    the environment ray.init saw, and S3 tests need its AWS_* variables (and the venv's bin
+    first on PATH)."""
     import ray
 
+    from vaegan import cluster
+
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=True,
-             runtime_env={"env_vars": {"PATH": env_with_venv()["PATH"]}})
+    os.environ["PATH"] = env_with_venv()["PATH"]
+    cluster.connect(min_cpus=8)
     yield ray
-    ray.shutdown()
+    cluster.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +107,9 @@ def ray_head(tmp_path_factory):
     # a free port: the default 52365 is held by the session's `ray_local`, and a head whose agent
     # cannot bind answers every job submission "No available agent".
     env = {k: v for k, v in env_with_venv().items() if not k.startswith("RAY_")}
-    env["RAY_AUTH_MODE"] = "disabled"
     port, dash = free_port(), free_port()
+    # its State API clients (Ray Train's placement-group watcher) at its own dashboard
+    env.update(RAY_AUTH_MODE="disabled", RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dash}")
     log_path = tmp_path_factory.mktemp("ray-head") / "head.log"
     log = open(log_path, "wb")
     proc = subprocess.Popen(

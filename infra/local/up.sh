@@ -100,11 +100,16 @@ export RAY_AUTH_MODE=disabled
 # A node's `ray start --block` drains the node on SIGTERM (up to 30 s, asking the GCS, which
 # down.sh stops at the same moment): a throwaway cluster has nothing to drain.
 export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0
+# Ray's State API clients (Ray Train's placement-group watcher among them) look for "the" Ray
+# on this host; with another Ray running here they pick the wrong one or none. This points
+# every process of this cluster at its own dashboard.
+export RAY_API_SERVER_ADDRESS="$dashboard"
 cat > "$state/env" <<EOF
 # source this file to use the local cluster (written by infra/local/up.sh)
 export PATH="$venv_bin:\$PATH"
 export RAY_ADDRESS="127.0.0.1:$ray_port"           # drivers (ray.init, vaegan train) and ray job submit
 export RAY_DASHBOARD_ADDRESS="$dashboard"  # dashboard, job server (also: ray job submit --address)
+export RAY_API_SERVER_ADDRESS="$dashboard"  # Ray's State API (ray list ..., Ray Train's watcher)
 export RAY_AUTH_MODE=disabled
 export MLFLOW_TRACKING_URI="$mlflow_uri"
 export AWS_ACCESS_KEY_ID=testing
