@@ -14,7 +14,7 @@ import mlflow
 import pytest
 import torch
 
-from vaegan.checkpoint import MANIFEST, CheckpointError, TrainState, check_complete, save_checkpoint
+from vaegan.checkpoint import LIVE, MANIFEST, CheckpointError, TrainState, check_complete, save_checkpoint
 from vaegan.cluster import LEASE, RunLease, RunLeaseError, storage_for
 from vaegan.config import load_config
 from vaegan.model import VAEGAN
@@ -172,7 +172,7 @@ def test_divergence_past_max_rollbacks_stops_with_a_clear_error(tmp_path, mnist_
                                                                 ray_local, monkeypatch):
     monkeypatch.setenv(NAN_ENV, f"0:2:{tmp_path / 'nan-fired'}")
     cfg = train_cfg(tmp_path, mnist_shards, mlflow_server, "gave-up", "train.max_failures=0",
-                    "train.max_rollbacks=0", "tracking.log_checkpoints=false")
+                    "train.max_rollbacks=0", "tracking.log_checkpoints=false", "train.num_workers=1")
     with pytest.raises(TrainError, match=r"training diverged at step 2 .* after 0 rollback\(s\), and "
                                          r"train.max_rollbacks=0: lower optim.lr"):
         fit(cfg)
@@ -186,10 +186,12 @@ def test_divergence_past_max_rollbacks_stops_with_a_clear_error(tmp_path, mnist_
 @pytest.mark.slow
 def test_resume_skips_a_torn_checkpoint_and_sets_aside_an_unreadable_ray_index(
         tmp_path, mnist_shards, mlflow_server, ray_local, capfd):
+    """Also what any resumed run must do (one worker: resuming is the same on every rank):
+    continue in the same MLflow run, log each step once, and continue the weight average."""
     def train(steps):
         return fit(train_cfg(tmp_path, mnist_shards, mlflow_server, "torn", f"train.steps={steps}",
-                             "train.checkpoint_every=2", "train.keep_checkpoints=3",
-                             "tracking.log_checkpoints=false"))
+                             "train.checkpoint_every=2", "train.keep_checkpoints=3", "train.num_workers=1",
+                             "tracking.log_checkpoints=false", "train.ema=0.9"))
 
     client = mlflow.MlflowClient(mlflow_server)
     assert train(4).step == 4
@@ -202,6 +204,12 @@ def test_resume_skips_a_torn_checkpoint_and_sets_aside_an_unreadable_ray_index(
     tags = client.get_run(res.mlflow_run_id).data.tags
     assert tags["vaegan.resumed_from"].startswith("step 2 (checkpoint_")
     assert f"{newest.name}: model.pt has 1000 bytes" in tags["vaegan.skipped_checkpoints"]
+    run = client.get_run(res.mlflow_run_id)
+    assert len(client.search_runs([run.info.experiment_id], "tags.`vaegan.run_name` = 'torn'")) == 1
+    assert metric_steps(client, res.mlflow_run_id, "kl_prior") == [2, 4, 6]  # 3-4 redone, logged once
+    # the average restored at step 2 (its 2 updates), then 4 more
+    trainer = torch.load(checkpoints(tmp_path, "torn")[-1] / "trainer.pt", weights_only=True)
+    assert trainer[LIVE]["updates"] == 6
 
     index = tmp_path / "runs" / "torn" / RAY_INDEX
     index.write_text(index.read_text()[:40])  # a crash mid-write of Ray's own index
