@@ -254,14 +254,14 @@ def test_grid_sweep_over_loss_mode_gives_one_child_run_per_value(tmp_path, mnist
     cfg = sweep_cfg(tmp_path, mnist_shards, mlflow_server, "tracking.experiment=tune-modes",
                     "tracking.model_name=tune-modes", "train.steps=4", "train.checkpoint_every=4",
                     "train.image_every=4")
-    opts = SweepOptions(name="modes", grid={"loss.mode": ["vae", "gan"]}, workers_per_trial=1,
-                        metric="kl_prior", scheduler="fifo", max_concurrent=1)
+    opts = SweepOptions(name="modes", grid={"loss.mode": ["vae_dis_l", "gan"]}, workers_per_trial=1,
+                        metric="kl_prior", scheduler="fifo", max_concurrent=2)
     res = sweep(cfg, opts)
     client = mlflow.MlflowClient(mlflow_server)
     children = client.search_runs([client.get_run(res.parent_run_id).info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{res.parent_run_id}'")
-    assert sorted(c.data.params["loss.mode"] for c in children) == ["gan", "vae"]
-    assert sorted(r.params["loss.mode"] for r in res.rows) == ["gan", "vae"]
+    assert sorted(c.data.params["loss.mode"] for c in children) == ["gan", "vae_dis_l"]
+    assert sorted(r.params["loss.mode"] for r in res.rows) == ["gan", "vae_dis_l"]
     assert all(r.status == "completed" and r.step == 4 for r in res.rows), res.rows  # fifo: no early stop
     artifacts = {a.path for a in client.list_artifacts(res.parent_run_id, "sweep")}
     assert "sweep/kl_prior_vs_mode.png" in artifacts
