@@ -205,7 +205,9 @@ def test_an_outage_mid_shard_is_waited_out_and_the_batches_do_not_change(face_sh
     assert len(proxy.outages) == 1 and proxy.cut >= 2, "the outage must hit the read"
     assert loader.corrupt_count == 0
     assert _same(batches, undisturbed), "an outage must not change the data"
-    assert loader.retry_count >= 1 and took >= 4
+    # Waited out: by the reader reopening the shard (retry_count), or, when the cut fell
+    # between two requests, by s3fs's own retries (seen once on a loaded machine).
+    assert took >= 4
     print(f"\nmid-shard outage of 4 s: {loader.retry_count} shard retries, {loader.retry_seconds:.1f} s "
           f"of backoff, {proxy.cut} connections reset, epoch read in {took:.1f} s ({calm:.1f} s undisturbed)")
 
