@@ -81,7 +81,7 @@ overrides = json.loads(sys.argv[1])
 cluster.connect(min_cpus=8)  # one local Ray for both; what they start inherits the environment
 main_train(load_config("debug", overrides=overrides + ["train.name=planted-train"]))
 main_tune(load_config("debug", overrides=overrides + ["train.name=planted"]),
-          SweepOptions(name="planted-sweep", trials=1, workers_per_trial=2, metric="loss",
+          SweepOptions(name="planted-sweep", trials=1, workers_per_trial=1, metric="loss",
                        scheduler="fifo", gamma_min=1e-4, gamma_max=1e-2))
 cluster.shutdown()
 """
