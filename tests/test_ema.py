@@ -34,9 +34,14 @@ def test_the_average_follows_its_formula_with_the_ramp_up(debug_cfg):
             k: (d * expected[k] + (1 - d) * v) if v.is_floating_point() else v for k, v in live.items()}
     for k, v in ema.decoder.module.state_dict().items():
         torch.testing.assert_close(v, expected[k], rtol=1e-5, atol=1e-6, msg=k)
-    # what is served: the averaged encoder and decoder, the live discriminator
-    assert ema.served.decoder is ema.decoder.module and ema.served.discriminator is model.discriminator
-    assert not torch.equal(flat(ema.served.encoder), flat(model.encoder))
+    # what is served: the averaged encoder and decoder, the live discriminator's weights in a
+    # network of its own, so switching the served model to eval mode leaves training alone
+    served = ema.served_with(model.discriminator)
+    assert served.decoder is ema.decoder.module and served.discriminator is not model.discriminator
+    assert torch.equal(flat(served.discriminator), flat(model.discriminator))
+    assert not torch.equal(flat(served.encoder), flat(model.encoder))
+    served.eval()
+    assert model.training and all(m.training for m in model.modules())
 
 
 def test_a_restored_average_continues_as_if_never_stopped(debug_cfg):

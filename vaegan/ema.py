@@ -16,6 +16,8 @@ Single device: no Ray, MLflow or torch.distributed.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch.optim.swa_utils import AveragedModel
 
@@ -25,8 +27,10 @@ RAMPUP = 10.0
 
 
 class EMA:
-    """The averaged encoder and decoder of `model`, and `served`: a VAEGAN of those two and
-    the live discriminator (sharing their storage, nothing copied per use)."""
+    """The averaged encoder and decoder of `model`, and `served`: a VAEGAN of those two and a
+    discriminator of its own (`served_with` copies the live one's weights in). Not the live
+    discriminator itself: the served model is switched to eval mode for grids and evaluation,
+    and that must never reach a network in training."""
 
     def __init__(self, model: VAEGAN, decay: float):
         if not 0 < decay < 1:
@@ -35,7 +39,7 @@ class EMA:
         self.encoder = AveragedModel(model.encoder, multi_avg_fn=self._lerp, use_buffers=True)
         self.decoder = AveragedModel(model.decoder, multi_avg_fn=self._lerp, use_buffers=True)
         self.served = VAEGAN(model.cfg, encoder=self.encoder.module, decoder=self.decoder.module,
-                             discriminator=model.discriminator)
+                             discriminator=copy.deepcopy(model.discriminator))
         self.served.eval()
 
     def weight(self) -> float:
@@ -47,6 +51,13 @@ class EMA:
             torch._foreach_lerp_(averaged, current, 1 - self.weight())
         else:  # BN's batch counters: integers, taken as they are
             torch._foreach_copy_(averaged, current)
+
+    @torch.no_grad()
+    def served_with(self, discriminator: torch.nn.Module) -> VAEGAN:
+        """`served`, its discriminator holding `discriminator`'s weights now (a checkpoint
+        keeps the live discriminator; the evaluation's Dis_l distance uses it)."""
+        self.served.discriminator.load_state_dict(discriminator.state_dict())
+        return self.served
 
     @torch.no_grad()
     def update(self, model: VAEGAN) -> None:

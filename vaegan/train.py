@@ -153,7 +153,7 @@ class Worker:
     def served(self) -> VAEGAN:
         """What the grids, the evaluation and the checkpoints show: the averaged networks
         with train.ema, else the live ones."""
-        return self.ema.served if self.ema is not None else self.model
+        return self.ema.served_with(self.model.discriminator) if self.ema is not None else self.model
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -227,7 +227,7 @@ def set_up(config: dict) -> Worker:
         w.fixed_z = fixed_z.to(device)
         w.real = held_out[:16].to(device)
         if cfg.train.eval_every:
-            w.evaluator = _Evaluator(w.served, held_out, config["featurizer"], cfg.train.eval_images, device)
+            w.evaluator = _Evaluator(held_out, config["featurizer"], cfg.train.eval_images, device)
     return w
 
 
@@ -487,7 +487,7 @@ def report(w: Worker, progress: Progress, loader, register: bool) -> None:
                                   loader, distributed)
         progress.lap("report")
         if w.evaluator and eval_due:  # rank 0 only; the others wait at the report below
-            metrics.update(w.evaluator())
+            metrics.update(w.evaluator(w.served))
             progress.lap("eval")
         metrics.update(progress.phase_metrics(steps))
         progress.window, progress.t_window = [], time.time()
@@ -515,17 +515,18 @@ class _Evaluator:
     """Periodic validation on rank 0: FID of samples and reconstructions, MSE, SSIM, Dis_l
     distance and (digits) the share of recognisable samples, as eval_* metrics."""
 
-    def __init__(self, model: VAEGAN, held_out: torch.Tensor, featurizer_dir: str, n: int, device):
+    def __init__(self, held_out: torch.Tensor, featurizer_dir: str, n: int, device):
         from vaegan.featurizer import load_featurizer
 
-        self.model, self.n = model, min(n, len(held_out))
+        self.n = min(n, len(held_out))
         self.real = held_out[: self.n].to(device)
         self.featurizer = load_featurizer(featurizer_dir, device)
 
-    def __call__(self) -> dict[str, float]:
+    def __call__(self, model: VAEGAN) -> dict[str, float]:
+        """The metrics of `model` (the served one: averaged with train.ema) now."""
         from vaegan.evaluate import evaluate_model
 
-        return evaluate_model(self.model, self.real, self.featurizer, n=self.n).as_metrics()
+        return evaluate_model(model, self.real, self.featurizer, n=self.n).as_metrics()
 
 
 def _faults(spec: str, rank: int) -> list[tuple[int, Path]]:
