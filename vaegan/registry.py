@@ -80,7 +80,9 @@ def client_for(tracking_uri: str | None = None) -> mlflow.MlflowClient:
     not answer fails in seconds (MLflow's own client retries for minutes)."""
     uri = tracking_uri or mlflow.get_tracking_uri()
     check_reachable(uri)
-    return mlflow.MlflowClient(uri)
+    # The registry too: left out, MLflow 3 takes its default registry (a new ./mlflow.db),
+    # and `make demo` could not find the model it had just registered.
+    return mlflow.MlflowClient(uri, registry_uri=uri)
 
 
 def _q(name: str) -> str:
