@@ -150,7 +150,9 @@ def download_model(uri: str, dst: str | Path, tracking_uri: str | None = None) -
     if version is not None:
         info.update(name=version.name, version=int(version.version), run_id=version.run_id or "",
                     model_id=getattr(version, "model_id", None) or "")
-        target = f"models:/{version.name}/{version.version}"  # pinned: an alias may move meanwhile
+        # pinned (an alias may move meanwhile), and as the version's own artifact location:
+        # a models:/NAME/VERSION URI would be resolved in MLflow's default registry, not this one
+        target = client.get_model_version_download_uri(version.name, version.version)
     elif uri.startswith("runs:/"):
         info["run_id"] = uri[len("runs:/"):].split("/", 1)[0]
     try:
