@@ -8,7 +8,6 @@ paths use the same digits as tensors.
 """
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -24,12 +23,12 @@ from vaegan.config import load_config
 from vaegan.evaluate import (
     EvalError,
     evaluate_model,
-    feature_stats,
     fid,
-    frechet_distance,
+    fid_from_features,
+    gradient_magnitude,
+    kid_from_features,
     load_real_images,
     ssim,
-    trace_sqrt_product,
 )
 from vaegan.featurizer import (
     ClassifierFeaturizer,
@@ -87,35 +86,60 @@ def digit_featurizer(featurizer_dir) -> ClassifierFeaturizer:
 # The Fréchet distance.
 
 
-def test_frechet_distance_closed_form_for_diagonal_gaussians():
-    """Diagonal covariances: FID = ||mu1 - mu2||^2 + sum_i (s1_i + s2_i - 2 sqrt(s1_i s2_i))."""
-    rng = np.random.default_rng(0)
-    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
-    s1, s2 = rng.uniform(0.1, 3, size=5), rng.uniform(0.1, 3, size=5)
-    expected = ((mu1 - mu2) ** 2).sum() + (s1 + s2 - 2 * np.sqrt(s1 * s2)).sum()
-    got = frechet_distance(evaluate.FeatureStats(mu1, np.diag(s1), 10),
-                           evaluate.FeatureStats(mu2, np.diag(s2), 10))
-    assert got == pytest.approx(expected, rel=1e-10)
-
-
-def test_trace_sqrt_matches_scipy_sqrtm_and_survives_singular_covariances():
-    rng = np.random.default_rng(1)
-    a, b = rng.normal(size=(200, 16)), rng.normal(size=(200, 16)) @ rng.normal(size=(16, 16))
+def _fid_reference(a: np.ndarray, b: np.ndarray) -> float:
+    """FID from its definition, with scipy's matrix square root."""
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    reference = np.trace(scipy.linalg.sqrtm(s1 @ s2)).real
-    assert trace_sqrt_product(s1, s2) == pytest.approx(reference, rel=1e-8)
-    # N < D: both covariances are singular (rank 9 of 32), where sqrtm struggles.
-    few = feature_stats(rng.normal(size=(10, 32)))
-    other = feature_stats(rng.normal(size=(10, 32)) + 0.5)
-    d = frechet_distance(few, other)
-    assert math.isfinite(d) and d > 0
-    assert frechet_distance(few, few) < 1e-9 * np.trace(few.sigma)
+    diff = a.mean(0) - b.mean(0)
+    return float(diff @ diff + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real))
+
+
+def test_fid_matches_its_definition_and_names_a_dimension_mismatch():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(300, 16))
+    b = rng.normal(size=(200, 16)) @ rng.normal(size=(16, 16)) + 0.3
+    got = fid_from_features(torch.from_numpy(a).float(), torch.from_numpy(b).float())
+    assert got == pytest.approx(_fid_reference(a, b), rel=1e-4)
+    assert fid_from_features(torch.from_numpy(a), torch.from_numpy(a)) < 1e-6
+    with pytest.raises(EvalError, match="3 vs 4"):
+        fid_from_features(torch.randn(5, 3), torch.randn(5, 4))
+    with pytest.raises(EvalError, match=r"N >= 2"):
+        fid_from_features(torch.randn(1, 3), torch.randn(5, 3))
+
+
+def test_kid_is_the_unbiased_mmd_with_a_cubic_kernel():
+    """One subset of all N images: KID is the unbiased MMD^2 of the whole sets, whatever the
+    draw; the same seed gives the same value and leaves the caller's random state alone."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 8, generator=g).double(), torch.randn(40, 8, generator=g).double() + 0.5
+    k = lambda a, b: (a @ b.T / 8 + 1) ** 3
+    m = len(x)
+    off = lambda kk: (kk.sum() - kk.diagonal().sum()) / (m * (m - 1))
+    expected = off(k(x, x)) + off(k(y, y)) - 2 * k(x, y).mean()
+    mean, std = kid_from_features(x, y)
+    assert mean == pytest.approx(float(expected), rel=1e-6) and std == pytest.approx(0, abs=1e-9)
+    state = torch.get_rng_state()
+    big_x, big_y = torch.randn(1500, 8, generator=g), torch.randn(1500, 8, generator=g) + 0.2
+    assert kid_from_features(big_x, big_y) == kid_from_features(big_x, big_y)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert abs(kid_from_features(big_x, big_x)[0]) < 0.1 * kid_from_features(big_x, big_y)[0]
+
+
+def test_gradient_magnitude_falls_with_blur_and_is_zero_on_flat_images(val_images):
+    x = (val_images[:32] + 1) / 2
+    series = [float(gradient_magnitude(gaussian_blur(x, kernel_size=9, sigma=s)).mean())
+              for s in (0.3, 0.8, 1.5, 3.0)]
+    assert all(a > b for a, b in zip(series, series[1:], strict=False)), series
+    assert float(gradient_magnitude(torch.full((2, 1, 8, 8), 0.7)).max()) == 0
+    # A unit step along x: one column of differences of 1 in an 8 x 8 image -> 7 of 49.
+    step = torch.zeros(1, 1, 8, 8)
+    step[..., 4:] = 1
+    assert float(gradient_magnitude(step)) == pytest.approx(7 / 49)
 
 
 def test_fid_is_zero_on_itself_and_grows_with_noise_and_blur(val_images, digit_featurizer):
     images = val_images
     self_fid = fid(images, images, digit_featurizer)
-    trace = np.trace(feature_stats(evaluate.featurize(images, digit_featurizer)).sigma)
+    trace = float(evaluate.featurize(images, digit_featurizer).var(dim=0).sum())
     assert self_fid < 1e-3 * trace
 
     g = torch.Generator().manual_seed(0)
@@ -127,12 +151,6 @@ def test_fid_is_zero_on_itself_and_grows_with_noise_and_blur(val_images, digit_f
     for series in (noisy, blurred):
         assert self_fid < 1e-3 * series[0], series
         assert all(a < b for a, b in zip(series, series[1:], strict=False)), series
-
-
-def test_feature_dimension_mismatch_is_named():
-    a, b = feature_stats(torch.randn(5, 3)), feature_stats(torch.randn(5, 4))
-    with pytest.raises(EvalError, match="3 vs 4"):
-        frechet_distance(a, b)
 
 
 # ---------------------------------------------------------------------------------------
@@ -307,6 +325,10 @@ def test_evaluate_model_on_an_untrained_debug_model(val_images, digit_featurizer
         "mse_recon": float((x01 - r01).square().mean()),
         "ssim_recon": float(ssim(x01, r01).mean()),
         "dis_l_recon": float(0.5 * (feats_x - feats_recon).square().sum() / 64),
+        "kid_samples": kid_from_features(digit_featurizer.features(x), digit_featurizer.features(samples))[0],
+        "sharpness_samples": float(gradient_magnitude(((samples + 1) / 2).clamp(0, 1)).mean()
+                                   / gradient_magnitude(x01).mean()),
+        "sharpness_recon": float(gradient_magnitude(r01).mean() / gradient_magnitude(x01).mean()),
     }
     for name, value in expected.items():
         assert getattr(result, name) == pytest.approx(value, rel=1e-4, abs=1e-6), name

@@ -15,9 +15,14 @@ so that numbers from different runs compare:
                size (`vaegan.featurizer`). The featurizer's name is part of the result:
                an FID is only comparable to FIDs with the same featurizer.
     distance   FID = ||mu_r - mu_g||^2 + tr(S_r + S_g - 2 (S_r S_g)^(1/2)) (Dowson & Landau
-               1982; Heusel et al. 2017) of Gaussians fitted to the features, in float64.
-               Small N biases FID upwards (periodic evaluation during training uses a small
-               N: compare those values only with each other).
+               1982; Heusel et al. 2017) of Gaussians fitted to the features, in float64;
+               KID (Binkowski et al. 2018): the unbiased MMD^2 under the kernel
+               (f.g / D + 1)^3, averaged over 100 random subsets of min(1000, N), drawn
+               from SAMPLE_SEED. Both computed by torchmetrics from this project's
+               features. Small N biases FID upwards, KID much less (periodic evaluation
+               during training uses a small N: compare those FIDs only with each other).
+    sharpness  mean |grad x| (forward differences, pixels in [0, 1]) of the generated
+               images over that of the real ones: 1 is as sharp as the data, below 1 blurrier.
 
 Reconstruction metrics on the same N images, with pixels scaled from [-1, 1] to [0, 1]:
 `mse_recon` (mean squared error per pixel), `ssim_recon` (SSIM of Wang et al. 2004, 11x11
@@ -33,10 +38,10 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -49,61 +54,68 @@ from vaegan.model import VAEGAN
 FID_N = 10_000  # images per FID (or the whole held-out split when smaller)
 SAMPLE_SEED = 0  # seeds the prior samples, so every checkpoint is scored on the same z_p
 EVAL_SPLIT = "val"  # the held-out split the real images come from
+KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # Binkowski et al. 2018's protocol
 BATCH = 250  # images per forward pass; memory only, the results do not depend on it
 SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03  # Wang et al. 2004
 
 
 # ---------------------------------------------------------------------------------------
-# The Fréchet distance.
+# FID and KID: torchmetrics' statistics over this project's features.
 
 
-class FeatureStats(NamedTuple):
-    """A Gaussian fit to features: mean (D,), covariance (D, D), float64; n samples."""
+class _Precomputed(torch.nn.Module):
+    """The feature extractor handed to torchmetrics: the features are computed beforehand
+    (once per image set, shared by FID and KID), so it only passes them on, in float64."""
 
-    mu: np.ndarray
-    sigma: np.ndarray
-    n: int
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
 
-
-def feature_stats(features: torch.Tensor | np.ndarray) -> FeatureStats:
-    """(N, D) features -> their mean and (unbiased, N - 1) covariance in float64."""
-    f = features.detach().cpu().double().numpy() if isinstance(features, torch.Tensor) else features
-    f = np.asarray(f, dtype=np.float64)
-    if f.ndim != 2 or len(f) < 2:
-        raise EvalError(f"features must have shape (N >= 2, D); got {f.shape}")
-    return FeatureStats(f.mean(axis=0), np.cov(f, rowvar=False), len(f))
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features.double()
 
 
-def _psd_sqrt(s: np.ndarray) -> np.ndarray:
-    """Square root of a symmetric positive semi-definite matrix, via its eigen-decomposition.
-    Rounding can leave tiny negative eigenvalues; they are clipped to 0."""
-    w, v = np.linalg.eigh((s + s.T) / 2)
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-
-
-def trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float:
-    """tr((S1 S2)^(1/2)) for covariance matrices S1, S2.
-
-    S1 S2 is not symmetric, and scipy.linalg.sqrtm of it returns small imaginary parts (and
-    can fail outright when a covariance is singular, as it is whenever N <= D). But
-    S1 S2 = A (A S2) with A = S1^(1/2), and A S2 A has the same eigenvalues as A (A S2);
-    A S2 A is symmetric PSD, so its eigenvalues are real and >= 0 (up to rounding, clipped),
-    and the trace of the square root is the sum of their square roots. No complex numbers.
-    """
-    a = _psd_sqrt(s1)
-    m = a @ s2 @ a
-    w = np.linalg.eigvalsh((m + m.T) / 2)
-    return float(np.sqrt(np.clip(w, 0, None)).sum())
-
-
-def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
-    """||mu_a - mu_b||^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^(1/2)), >= 0."""
-    if a.mu.shape != b.mu.shape:
-        raise EvalError(f"feature dimensions differ: {a.mu.shape[0]} vs {b.mu.shape[0]} "
+def _check_features(real: torch.Tensor, fake: torch.Tensor) -> None:
+    for name, f in (("real", real), ("fake", fake)):
+        if f.ndim != 2 or len(f) < 2:
+            raise EvalError(f"{name} features must have shape (N >= 2, D); got {tuple(f.shape)}")
+    if real.shape[1] != fake.shape[1]:
+        raise EvalError(f"feature dimensions differ: {real.shape[1]} vs {fake.shape[1]} "
                         "(features from different featurizers?)")
-    diff = a.mu - b.mu
-    d = diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2 * trace_sqrt_product(a.sigma, b.sigma)
-    return max(float(d), 0.0)  # rounding can give -1e-13 for identical sets
+
+
+def fid_from_features(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """FID (Heusel et al. 2017) between (N, D) feature sets, by torchmetrics in float64."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    _check_features(real, fake)
+    # sync_on_compute=False: only rank 0 evaluates, so there is no one to gather from.
+    metric = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]), sync_on_compute=False)
+    metric.update(real.cpu(), real=True)
+    metric.update(fake.cpu(), real=False)
+    return max(float(metric.compute()), 0.0)  # rounding can give -1e-13 for identical sets
+
+
+def kid_from_features(real: torch.Tensor, fake: torch.Tensor, seed: int = SAMPLE_SEED
+                      ) -> tuple[float, float]:
+    """KID (Binkowski et al. 2018: unbiased MMD^2, cubic polynomial kernel) between (N, D)
+    feature sets by torchmetrics: mean and standard deviation over KID_SUBSETS random subsets
+    of min(KID_SUBSET_SIZE, N) each, drawn from `seed` (the same subsets every time, and the
+    caller's random state untouched)."""
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    _check_features(real, fake)
+    size = min(KID_SUBSET_SIZE, len(real), len(fake))
+    with warnings.catch_warnings():  # "will save all extracted features": N x D, they are here already
+        warnings.filterwarnings("ignore", message=".*will save all extracted features")
+        metric = KernelInceptionDistance(feature=_Precomputed(real.shape[1]), subsets=KID_SUBSETS,
+                                         subset_size=size, sync_on_compute=False)
+    metric.update(real.cpu(), real=True)
+    metric.update(fake.cpu(), real=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        mean, std = metric.compute()
+    return float(mean), float(std)
 
 
 @torch.no_grad()
@@ -116,8 +128,8 @@ def featurize(images: torch.Tensor, featurizer: Featurizer, batch_size: int = BA
 def fid(images_a: torch.Tensor, images_b: torch.Tensor, featurizer: Featurizer,
         batch_size: int = BATCH) -> float:
     """FID between two image sets in [-1, 1] under `featurizer`."""
-    return frechet_distance(feature_stats(featurize(images_a, featurizer, batch_size)),
-                            feature_stats(featurize(images_b, featurizer, batch_size)))
+    return fid_from_features(featurize(images_a, featurizer, batch_size),
+                             featurize(images_b, featurizer, batch_size))
 
 
 # ---------------------------------------------------------------------------------------
@@ -161,6 +173,14 @@ def ssim(x: torch.Tensor, y: torch.Tensor, *, data_range: float = 1.0, window: i
     return s.mean(dim=(1, 2, 3)).float()
 
 
+def gradient_magnitude(x: torch.Tensor) -> torch.Tensor:
+    """(B,) mean over pixels and channels of |grad x| = sqrt(dx^2 + dy^2), forward
+    differences, pixels in [0, 1]: the edge energy that blur takes away."""
+    dx = x[..., :-1, 1:] - x[..., :-1, :-1]
+    dy = x[..., 1:, :-1] - x[..., :-1, :-1]
+    return (dx.square() + dy.square()).sqrt().mean(dim=(1, 2, 3)).float()
+
+
 def to_unit(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] -> [0, 1] (clamped: a decoder's tanh stays inside, real data might not quite)."""
     return ((x.float() + 1) / 2).clamp(0, 1)
@@ -177,6 +197,15 @@ class EvalMetrics(NamedTuple):
     """FID of N prior samples against N held-out real images."""
     fid_recon: float
     """FID of the reconstructions Dec(mu(x)) of those real images against them."""
+    kid_samples: float
+    """KID of the prior samples against the real images (mean over subsets)."""
+    kid_recon: float
+    """KID of the reconstructions against the real images."""
+    sharpness_samples: float
+    """Mean gradient magnitude of the samples over that of the real images (1: as sharp as
+    real images; below 1: blurrier)."""
+    sharpness_recon: float
+    """The same ratio for the reconstructions."""
     mse_recon: float
     """Mean squared pixel error of the reconstructions, pixels in [0, 1]."""
     ssim_recon: float
@@ -227,6 +256,7 @@ def evaluate_model(model: VAEGAN, real_images: torch.Tensor, featurizer: Featuri
         softmax = getattr(featurizer, "kind", "") == "softmax"
         confident = confident_p50 = confident_real = 0
         sq_err = ssim_sum = dis_l_sum = 0.0
+        edges = {"real": 0.0, "recon": 0.0, "samples": 0.0}
         for i in range(0, n, batch_size):
             x = real_images[i:min(i + batch_size, n)].to(device, torch.float32)
             x_recon = model.reconstruct(x).float()
@@ -237,6 +267,8 @@ def evaluate_model(model: VAEGAN, real_images: torch.Tensor, featurizer: Featuri
             x01, r01 = to_unit(x), to_unit(x_recon)
             sq_err += float((x01 - r01).square().mean(dim=(1, 2, 3)).sum())
             ssim_sum += float(ssim(x01, r01).sum())
+            edges["real"] += float(gradient_magnitude(x01).sum())
+            edges["recon"] += float(gradient_magnitude(r01).sum())
             # L_llike^Dis_l of the paper (a batch mean), with the model's own (eval-mode) Dis.
             dis = model.discriminator
             dis_l_sum += float(llike_dis_l(dis.features(x), dis.features(x_recon))) * len(x)
@@ -245,6 +277,7 @@ def evaluate_model(model: VAEGAN, real_images: torch.Tensor, featurizer: Featuri
         for i in range(0, n, batch_size):
             samples = model.sample(min(batch_size, n - i), generator).float()
             feats_samples.append(featurizer.features(samples).cpu())
+            edges["samples"] += float(gradient_magnitude(to_unit(samples)).sum())
             if softmax:
                 p_top = _top_class_p(featurizer, samples)
                 confident += int((p_top > SOFTMAX_CONFIDENT).sum())
@@ -252,10 +285,14 @@ def evaluate_model(model: VAEGAN, real_images: torch.Tensor, featurizer: Featuri
     finally:
         model.train(was_training)
 
-    real = feature_stats(torch.cat(feats_real))
+    real, recon, samples = (torch.cat(f) for f in (feats_real, feats_recon, feats_samples))
     return EvalMetrics(
-        fid_samples=frechet_distance(feature_stats(torch.cat(feats_samples)), real),
-        fid_recon=frechet_distance(feature_stats(torch.cat(feats_recon)), real),
+        fid_samples=fid_from_features(real, samples),
+        fid_recon=fid_from_features(real, recon),
+        kid_samples=kid_from_features(real, samples, seed)[0],
+        kid_recon=kid_from_features(real, recon, seed)[0],
+        sharpness_samples=edges["samples"] / max(edges["real"], 1e-12),
+        sharpness_recon=edges["recon"] / max(edges["real"], 1e-12),
         mse_recon=sq_err / n,
         ssim_recon=ssim_sum / n,
         dis_l_recon=dis_l_sum / n,
@@ -351,7 +388,7 @@ def write_report(report: dict[str, Any], path: str | Path) -> None:
 
 
 __all__ = [
-    "FID_N", "SAMPLE_SEED", "EVAL_SPLIT", "EvalError", "EvalMetrics", "FeatureStats", "feature_stats",
-    "frechet_distance", "trace_sqrt_product", "featurize", "fid", "ssim", "evaluate_model",
+    "FID_N", "SAMPLE_SEED", "EVAL_SPLIT", "EvalError", "EvalMetrics", "fid_from_features",
+    "kid_from_features", "featurize", "fid", "ssim", "gradient_magnitude", "evaluate_model",
     "load_real_images", "run_eval", "format_report", "write_report",
 ]
