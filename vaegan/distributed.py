@@ -96,22 +96,32 @@ def convert_global_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, on the device the backend reduces on (NCCL takes only CUDA tensors;
+    the result comes back where `t` was)."""
+    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
+    out = t.to(on, copy=True)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.to(t.device)
+
+
 def mean(t: torch.Tensor) -> torch.Tensor:
     """Average a tensor over ranks (identity when not distributed)."""
     if not is_distributed():
         return t
-    t = t.clone()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t / dist.get_world_size()
+    return _all_reduce_sum(t) / dist.get_world_size()
 
 
 def total(t: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over ranks (identity when not distributed)."""
     if not is_distributed():
         return t
-    t = t.clone()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+    return _all_reduce_sum(t)
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on some rank (a decision all ranks must share)."""
+    return bool(total(torch.tensor([float(flag)])) > 0)
 
 
 def gather(value: object) -> list:
