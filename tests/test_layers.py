@@ -16,7 +16,7 @@ PACKAGE = ROOT / "vaegan"
 
 # Lower layers first; a module may import from its own layer and the ones below it.
 CORE = {"vaegan", "vaegan.errors", "vaegan.config", "vaegan.model", "vaegan.losses", "vaegan.step",
-        "vaegan.ema"}
+        "vaegan.ema", "vaegan.augment"}
 ENTRY = {"vaegan.cli", "vaegan.demo"}
 LAYERS = ("core", "data", "service", "entry")
 

@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 
+from vaegan.augment import augment
 from vaegan.losses import gan_bce, generator_nonsaturating, kl_prior, llike_dis_l, llike_pixel
 from vaegan.model import VAEGAN, reparameterize
 from vaegan.step import NonFiniteLossError, TrainStep
@@ -32,22 +33,27 @@ def grads(module):
             for p in module.parameters()]
 
 
-def own_objectives(model, cfg, x, eps, z_p):
+def own_objectives(model, cfg, x, eps, z_p, augment_seed=None, adv=1.0):
     """Each network's objective from one plain full graph (no detaches but the Dis_l(x)
-    target), differentiated w.r.t. that network only."""
+    target), differentiated w.r.t. that network only. `augment_seed`: Dis sees its inputs
+    through loss.augment, drawn from a generator with that seed; `adv`: the adversarial
+    term's weight (loss.adversarial_warmup)."""
     L, b = cfg.loss, x.shape[0]
     enc, dec, dis = model.encoder, model.decoder, model.discriminator
     mu, log_var = enc(x)
     z = reparameterize(mu, log_var, eps)
     fake = dec(torch.cat([z, z_p]))
-    logits, feats = dis(torch.cat([x, fake]))
+    dis_in = torch.cat([x, fake])
+    if augment_seed is not None:
+        dis_in = augment(dis_in, L.augment_policy, b, torch.Generator().manual_seed(augment_seed))
+    logits, feats = dis(dis_in)
     lr, lt, lp = logits.split(b)
     fr, ft, _ = feats.split(b)
     kl = kl_prior(mu, log_var)
     ll = llike_dis_l(fr.detach(), ft)
     paper = L.recipe == "paper"
     gan = gan_bce(lr, lt if paper else None, lp)
-    a, c = (L.gamma, 1.0) if paper else (L.w, 1 - L.w)
+    a, c = (L.gamma, adv) if paper else (L.w, (1 - L.w) * adv)
     if L.mode == "vae_dis_l":
         dec_obj = ll  # VAE_Dis_l: no adversarial term for Dec (and nothing for gamma to weigh)
     elif L.generator == "minimax":
@@ -82,6 +88,26 @@ def test_each_network_gets_exactly_its_own_gradient(debug_cfg, recipe, generator
     expected = own_objectives(reference_model, debug_cfg, x, eps, z_p)
     for name in ("encoder", "decoder", "discriminator"):
         assert_grads_close(grads(getattr(model, name)), expected[name], name)
+
+
+@pytest.mark.parametrize("generator", ["minimax", "nonsaturating"])
+def test_augmented_dis_inputs_and_the_warmup_route_like_their_objectives(debug_cfg, generator):
+    """loss.augment: every network's objective is taken on Dis's augmented inputs (x~ with
+    x's draws); loss.adversarial_warmup=4 at step 1: Dec's adversarial weight is 1/4."""
+    model, step = make(debug_cfg, generator=generator, gamma=0.3, augment="color,translation,cutout",
+                       adversarial_warmup=4)
+    step.step_count = 1
+    x, (eps, z_p) = batch(debug_cfg), noise(debug_cfg)
+    reference_model = copy.deepcopy(model)
+    step.generator.manual_seed(11)
+    step.compute_gradients(x, (eps, z_p))
+    expected = own_objectives(reference_model, debug_cfg, x, eps, z_p, augment_seed=11, adv=0.25)
+    for name in ("encoder", "decoder", "discriminator"):
+        assert_grads_close(grads(getattr(model, name)), expected[name], name)
+    # The augmentation changes what Dis is trained on: the same step without it differs.
+    plain = own_objectives(reference_model, debug_cfg, x, eps, z_p, adv=0.25)["discriminator"]
+    assert max(float((a - e).abs().max()) for a, e in zip(grads(model.discriminator), plain, strict=True)
+               if e is not None) > 1e-4
 
 
 def test_the_equilibrium_rule_never_pauses_the_vae_dis_l_decoder(debug_cfg):

@@ -55,6 +55,8 @@ class TrainState:
     lr_scale: float = 1.0
     """The product of train.rollback_lr_factor over those rollbacks: optim.lr is multiplied
     by it, also after a restart."""
+    trained_seconds: float = 0.0
+    """Wall-clock seconds of the training loop up to `step`, over restarts (train.minutes)."""
 
 
 def save_checkpoint(path: str | Path, model: VAEGAN, cfg: Config, state: TrainState,

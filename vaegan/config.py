@@ -67,6 +67,7 @@ class ModelConfig:
 
 
 MODES = ("vaegan", "vae", "vae_dis_l", "gan")
+AUGMENTATIONS = ("translation", "cutout", "color")  # vaegan.augment
 """The paper's model and its three baselines (docs/method.md#baselines)."""
 
 
@@ -92,9 +93,24 @@ class LossConfig:
     Always on for recipe=reference."""
     equilibrium_target: float = 0.68
     equilibrium_margin: float = 0.35
+    augment: str = ""
+    """Differentiable augmentation of everything Dis sees, real and generated alike
+    (DiffAugment; vaegan.augment): a comma list of translation, cutout, color; empty: none.
+    For small data sets, where Dis otherwise memorises the real images."""
+    adversarial_warmup: int = 0
+    """Steps over which the adversarial term's weight in Dec's gradient ramps from 0 to 1
+    (mode=vaegan): Dis trains from the start, Dec first learns from L_llike alone. 0: none."""
+
+    @property
+    def augment_policy(self) -> tuple[str, ...]:
+        return tuple(p.strip() for p in self.augment.split(",") if p.strip())
 
     def validate(self) -> None:
         _choice("loss", "mode", self.mode, MODES)
+        for policy in self.augment_policy:
+            _choice("loss", "augment", policy, AUGMENTATIONS)
+        _check(self.adversarial_warmup >= 0, "loss.adversarial_warmup", self.adversarial_warmup,
+               "a number of steps >= 0 (0: none)")
         _choice("loss", "recipe", self.recipe, ("paper", "reference"))
         _choice("loss", "generator", self.generator, ("minimax", "nonsaturating"))
         _check(self.gamma >= 0 and math.isfinite(self.gamma), "loss.gamma", self.gamma,
@@ -175,6 +191,11 @@ class DataConfig:
 class TrainConfig:
     steps: int = 1000
     """Optimizer steps (each updates Enc, Dec and Dis once)."""
+    minutes: float = 0.0
+    """A wall-clock budget: the run ends at the first step after this many minutes of its
+    training loop (summed over restarts), with the final checkpoint, evaluation and
+    registration there, as at train.steps. 0: none. For comparing models on equal time
+    (an lr anneal still runs over train.steps)."""
     num_workers: int = 2
     """Ray Train workers (DDP ranks)."""
     use_gpu: bool = False
@@ -235,6 +256,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         _check(self.steps >= 1, "train.steps", self.steps, "an integer >= 1")
+        _check(self.minutes >= 0 and math.isfinite(self.minutes), "train.minutes", self.minutes,
+               "a number of minutes >= 0 (0: no time budget)")
         _check(self.num_workers >= 1, "train.num_workers", self.num_workers, "an integer >= 1")
         _check(self.cpus_per_worker > 0, "train.cpus_per_worker", self.cpus_per_worker,
                "a number > 0")

@@ -21,7 +21,10 @@ cut into leaves so that different gradients can be routed into each network:
     Enc  backward of L_prior + <z, g_z>         -> Enc grads
 
 loss.mode=vae_dis_l (the paper's VAE_Dis_l) runs the same passes with no adversarial term
-in Dec's gradient; vae and gan are the other baselines (docs/method.md#baselines).
+in Dec's gradient; vae and gan are the other baselines (docs/method.md#baselines). Two
+training aids (docs/method.md#training-aids): loss.augment passes Dis's whole input through
+differentiable transforms (x~ with x's draws, so Dis_l still compares like with like), and
+loss.adversarial_warmup ramps the adversarial term's weight in Dec's gradient from 0 to 1.
 
 Batch norm over a concatenated batch couples its samples, so g_ll also has an x_p part and
 g_gan an x~ part; both are routed. Single device: no Ray, MLflow or torch.distributed.
@@ -41,6 +44,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from vaegan.augment import augment
 from vaegan.config import Config, OptimConfig
 from vaegan.losses import (
     StepMetrics,
@@ -163,9 +167,9 @@ class TrainStep:
                           for _ in range(2))
         eps, z_p = noise
         if self._compiled is None:
-            return self._mode_fn()(x, eps, z_p)
+            return self._mode_fn()(x, eps, z_p, self._adversarial_weight())
         with torch._dynamo.config.patch(trace_autograd_ops=True):  # trace autograd.grad
-            terms, grads = self._compiled(x, eps, z_p)
+            terms, grads = self._compiled(x, eps, z_p, self._adversarial_weight())
         metrics = self._metrics(*terms)
         for net, values in grads.items():  # accumulated, as the eager backward passes do
             for p, g in zip(_params(getattr(self, net)), values, strict=True):
@@ -176,13 +180,14 @@ class TrainStep:
         return {"vaegan": self._vaegan, "vae_dis_l": self._vaegan, "vae": self._vae,
                 "gan": self._gan}[self.cfg.loss.mode]
 
-    def _gradients_as_values(self, x: torch.Tensor, eps: torch.Tensor, z_p: torch.Tensor):
+    def _gradients_as_values(self, x: torch.Tensor, eps: torch.Tensor, z_p: torch.Tensor,
+                             adv: torch.Tensor):
         """The step as a pure function for torch.compile: (loss terms, {net: gradients}).
         Everything is returned, nothing accumulated into .grad, and the terms are detached,
         so the compiled graph has no backward of its own and every gradient a phase does not
         use (e.g. Dis's weight gradient of L_llike) is dead code."""
         grads: dict[str, list[torch.Tensor]] = {}
-        terms = self._mode_fn()(x, eps, z_p, grads)
+        terms = self._mode_fn()(x, eps, z_p, adv, grads)
         return [t.detach() if t is not None else None for t in terms], grads
 
     def _autocast(self):
@@ -208,7 +213,7 @@ class TrainStep:
             i += len(ps)
         return list(grads[i:])
 
-    def _vaegan(self, x: torch.Tensor, eps: torch.Tensor, z_p: torch.Tensor,
+    def _vaegan(self, x: torch.Tensor, eps: torch.Tensor, z_p: torch.Tensor, adv: torch.Tensor,
                 sink: dict | None = None):
         """VAE/GAN, and VAE_Dis_l (mode=vae_dis_l): the same networks and passes, but the
         decoder's objective is L_llike alone; Dis still learns L_GAN, which shapes Dis_l."""
@@ -224,7 +229,8 @@ class TrainStep:
             # Gradient stop: Dis's backward ends at its input, so Dec can be sent a gradient
             # of its own (a*g_ll - b*g_gan) rather than Dis's.
             fake_in = fake.detach().requires_grad_()
-            logits, feats = self.dis(torch.cat([x, fake_in]))  # one Dis forward, (3B,)
+            # one Dis forward, (3B,); augmented (loss.augment) with x~ transformed as x is
+            logits, feats = self.dis(self._augment(torch.cat([x, fake_in]), paired=b))
         logit_real, logit_recon, logit_prior = logits.split(b)
         feats_real, feats_recon, _ = feats.split(b)
         kl = kl_prior(mu.float(), log_var.float())
@@ -254,6 +260,7 @@ class TrainStep:
             else:  # minimax: Dec ascends the BCE, i.e. minus Dis's gradient at the fakes
                 g_adv = -g_gan
             a, c = (L.gamma, 1.0) if L.recipe == "paper" else (L.w, 1.0 - L.w)
+            c = c * adv  # loss.adversarial_warmup: ramps from 0 to 1
             g_dec = a * g_ll + c * g_adv
         # (3) Dec: gamma * grad L_llike - grad L_GAN (recipe=reference: w and 1 - w).
         self._backward(fake, g_dec, ("dec",), retain_graph=True, sink=sink)
@@ -263,7 +270,7 @@ class TrainStep:
         self._backward([kl, z], [torch.ones_like(kl), g_z[:b]], ("enc",), sink=sink)
         return metrics if sink is None else terms
 
-    def _vae(self, x: torch.Tensor, eps: torch.Tensor, z_p: torch.Tensor,
+    def _vae(self, x: torch.Tensor, eps: torch.Tensor, z_p: torch.Tensor, adv: torch.Tensor,
              sink: dict | None = None):
         """The paper's baseline: a VAE with a pixel-wise Gaussian error; Enc and Dec both
         descend L_prior + L_llike^pixel. Dis is not used."""
@@ -279,14 +286,14 @@ class TrainStep:
         self._backward(kl + ll, None, ("enc", "dec"), sink=sink)
         return metrics if sink is None else terms
 
-    def _gan(self, x: torch.Tensor, eps: torch.Tensor, z_p: torch.Tensor,
+    def _gan(self, x: torch.Tensor, eps: torch.Tensor, z_p: torch.Tensor, adv: torch.Tensor,
              sink: dict | None = None):
         """The paper's GAN baseline: no encoder; Dis on [x; x_p]."""
         L, b = self.cfg.loss, x.shape[0]
         with self._autocast():
             x_p = self.dec(z_p)
             fake_in = x_p.detach().requires_grad_()  # gradient stop: Dec gets g_adv below
-            logits, _ = self.dis(torch.cat([x, fake_in]))
+            logits, _ = self.dis(self._augment(torch.cat([x, fake_in])))
         logit_real, logit_prior = logits.split(b)
         gan = gan_bce(logit_real, None, logit_prior)
         zero = torch.zeros(())
@@ -303,6 +310,18 @@ class TrainStep:
         return metrics if sink is None else terms
 
     # -- helpers -------------------------------------------------------------------------
+
+    def _adversarial_weight(self) -> torch.Tensor:
+        """The adversarial term's weight in Dec's gradient at this step (loss.adversarial_warmup:
+        0 at the first step, 1 from `warmup` steps on). A tensor: the compiled step takes it
+        as an input rather than compiling again for every value."""
+        warmup = self.cfg.loss.adversarial_warmup
+        return torch.tensor(min(1.0, self.step_count / warmup) if warmup else 1.0, device=self.device)
+
+    def _augment(self, images: torch.Tensor, paired: int = 0) -> torch.Tensor:
+        """Dis's input through loss.augment (vaegan.augment; drawn from the step's generator)."""
+        policy = self.cfg.loss.augment_policy
+        return augment(images, policy, paired, self.generator) if policy else images
 
     def _metrics(self, kl, ll_dis, ll_pix, gan, logit_real, logit_recon,
                  logit_prior) -> StepMetrics:

@@ -17,6 +17,7 @@ set aside). docs/operations.md#failure-modes lists them.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import shutil
 import signal
@@ -195,6 +196,8 @@ def set_up(config: dict) -> Worker:
     found, skipped = newest_complete_checkpoint(rank)
     if found:
         state, trainer_state = load_checkpoint_into(model, device, found, ema)
+        if out_of_time(cfg.train, state):  # the budget ran out at the final checkpoint
+            cfg.train.steps = state.step
     base_lr = (cfg.optim.lr, cfg.optim.lr_final)
     cfg.optim.lr, cfg.optim.lr_final = (lr * state.lr_scale for lr in base_lr)  # earlier rollbacks
     enc, dec, dis = distributed.wrap(model, device, cfg.train.sync_bn)
@@ -318,6 +321,7 @@ def announce(w: Worker) -> None:
 def loop(w: Worker, config: dict) -> None:
     """Epochs of this rank's shard partition until train.steps; every rank does the same
     number of steps and reports (a report is a barrier, and DDP needs the same backwards)."""
+    from vaegan import distributed
     from vaegan.data import make_loader
 
     cfg, T = w.cfg, w.cfg.train
@@ -327,6 +331,7 @@ def loop(w: Worker, config: dict) -> None:
                      max_corrupt_fraction=cfg.data.max_corrupt_fraction,
                      io_retry_seconds=cfg.data.io_retry_seconds, pin_memory=w.device.type == "cuda")
     progress = Progress(w.state.step, T.steps)
+    clock = time.perf_counter()  # train.minutes counts the loop's wall-clock time
     while w.state.step < T.steps:
         state = w.state  # a rollback replaces it
         # After a rollback the data order and the noise change too, so the retried steps
@@ -352,6 +357,10 @@ def loop(w: Worker, config: dict) -> None:
                 w.ema.update(w.model)
             state.step += 1
             state.batch += 1
+            state.trained_seconds += time.perf_counter() - clock
+            clock = time.perf_counter()
+            if T.minutes and distributed.any_rank(out_of_time(T, state)):
+                T.steps = state.step  # this step is the last: final checkpoint, evaluation, registration
             if w.rank == 0 and config.get("fault"):
                 _maybe_fail(config["fault"], state.step)
             report(w, progress, loader, register=config.get("register", True))
@@ -359,6 +368,11 @@ def loop(w: Worker, config: dict) -> None:
                 break
         else:  # the epoch ran out before the steps did
             state.epoch, state.batch = state.epoch + 1, 0
+
+
+def out_of_time(T, state: TrainState) -> bool:
+    """train.minutes spent (ranks' clocks differ a little: the loop asks any_rank)."""
+    return bool(T.minutes) and state.trained_seconds >= T.minutes * 60
 
 
 class Divergence(NonFiniteLossError):
@@ -495,7 +509,8 @@ def report(w: Worker, progress: Progress, loader, register: bool) -> None:
             w.logger.log_metrics(metrics, step)
             w.logged_through = step
         if w.rank == 0:
-            _print_progress(step, T.steps, metrics, progress.start_step, progress.t_start)
+            _print_progress(step, T.steps, metrics, progress.start_step, progress.t_start,
+                            T.minutes * 60 - w.state.trained_seconds if T.minutes else math.inf)
         progress.lap("logging")
     if w.rank == 0 and (step % T.image_every == 0 or last) and fresh:
         samples, recons = image_grids(w.served, w.fixed_z, w.real)
@@ -575,9 +590,10 @@ def _window_metrics(window: list[StepMetrics], seconds: float, batch: int, loade
     return metrics
 
 
-def _print_progress(step: int, steps: int, m: dict[str, float], start_step: int, t_start: float) -> None:
+def _print_progress(step: int, steps: int, m: dict[str, float], start_step: int, t_start: float,
+                    budget_left: float = math.inf) -> None:
     done = step - start_step
-    eta = (time.time() - t_start) / max(done, 1) * (steps - step)
+    eta = min((time.time() - t_start) / max(done, 1) * (steps - step), max(budget_left, 0))
     say(f"[vaegan] step {step:>6}/{steps} | kl {m['kl_prior']:8.2f} | llike {m['llike_dis_l']:9.2f}"
         f" | gan {m['gan_bce']:.3f} | D(x) {m['d_real']:.2f} D(x~) {m['d_recon']:.2f}"
         f" D(xp) {m['d_prior']:.2f} | {m['images_per_s']:6.1f} img/s | ETA {_hms(eta)}")
@@ -605,7 +621,7 @@ def _report_checkpoint(w: Worker, metrics: dict | None, last: bool, register: bo
             trainer_state[LIVE] = {"encoder": w.model.encoder.state_dict(),
                                    "decoder": w.model.decoder.state_dict(), "updates": w.ema.updates}
         path = save_checkpoint(tmp / f"step-{w.state.step:07d}", w.served, w.cfg, w.state, trainer_state)
-        ray.train.report({**metrics, "step": w.state.step},
+        ray.train.report({**metrics, "step": w.state.step, "last": float(last)},
                          checkpoint=ray.train.Checkpoint.from_directory(str(path)))
         # MLflow keeps the final model and the best checkpoint by tracking.best_metric; the
         # final one is logged (and registered) once per run and step
@@ -667,9 +683,11 @@ def resolve_data(cfg: Config) -> str:
     return shards
 
 
-def resolve_featurizer(cfg: Config) -> str:
-    """`train.eval_featurizer`, or one trained on the shards' labels and cached (first use)."""
-    if not cfg.train.eval_every:
+def resolve_featurizer(cfg: Config, needed_by: str = "") -> str:
+    """`train.eval_featurizer`, or one trained on the shards' labels and cached (first use);
+    "" when nothing evaluates (no train.eval_every and no `needed_by`, e.g. "--compare")."""
+    needed_by = needed_by or (f"train.eval_every={cfg.train.eval_every}" if cfg.train.eval_every else "")
+    if not needed_by:
         return ""
     if cfg.train.eval_featurizer:  # absolute: workers run in another directory
         return str(Path(cfg.train.eval_featurizer).resolve())
@@ -678,7 +696,7 @@ def resolve_featurizer(cfg: Config) -> str:
 
     manifest = read_manifest(cfg.data.shards, cfg.data.s3_endpoint)
     if not manifest["attributes"]:
-        raise TrainError(f"train.eval_every={cfg.train.eval_every} needs a featurizer, and shards "
+        raise TrainError(f"{needed_by} needs a featurizer, and shards "
                          f"{cfg.data.shards} have no labels to train one on: set train.eval_featurizer")
     name = f"{manifest['source']}-{manifest['image_size']}px-{manifest['channels']}ch".replace(":", "-")
     out = Path("data/featurizers").resolve() / name
