@@ -4,6 +4,7 @@ Ray, tracked in a real MLflow server; and the bad-input checks, which need neith
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import mlflow
@@ -133,6 +134,7 @@ def test_tune_sees_reports_with_the_metric_but_not_the_last_step():
     assert not forwards("eval_fid_samples", 8, {"loss": 1.0, "step": 2})  # not an eval step
     assert forwards("eval_fid_samples", 8, {"loss": 1.0, "eval_fid_samples": 3.0, "step": 4})
     assert not forwards("loss", 8, {"loss": 1.0, "step": 8})  # the driver reports it after fit
+    assert not forwards("loss", 8, {"loss": 1.0, "step": 5, "last": 1.0})  # train.minutes ran out
 
 
 def test_cli_prints_one_line_and_exits_2(capsys):
@@ -249,21 +251,33 @@ def test_too_many_concurrent_trials_fail_before_any_run(tmp_path, mnist_shards, 
 
 
 @pytest.mark.slow
-def test_grid_sweep_over_loss_mode_gives_one_child_run_per_value(tmp_path, mnist_shards, mlflow_server,
-                                                                 ray_local):
+def test_grid_sweep_over_loss_mode_on_a_time_budget_compared_side_by_side(
+        tmp_path, mnist_shards, featurizer, mlflow_server, ray_local):
+    """One child run per value; train.minutes ends each trial (a completed one) long before
+    train.steps; --compare scores the final models and draws them side by side."""
     cfg = sweep_cfg(tmp_path, mnist_shards, mlflow_server, "tracking.experiment=tune-modes",
-                    "tracking.model_name=tune-modes", "train.steps=4", "train.checkpoint_every=4",
-                    "train.image_every=4")
+                    "tracking.model_name=tune-modes", "train.steps=100000", "train.minutes=0.02",
+                    "train.checkpoint_every=100000", "train.image_every=100000", "train.log_every=1",
+                    f"train.eval_featurizer={featurizer}")
     opts = SweepOptions(name="modes", grid={"loss.mode": ["vae_dis_l", "gan"]}, workers_per_trial=1,
-                        metric="kl_prior", scheduler="fifo", max_concurrent=2)
+                        metric="kl_prior", scheduler="fifo", max_concurrent=2, compare=True)
     res = sweep(cfg, opts)
     client = mlflow.MlflowClient(mlflow_server)
     children = client.search_runs([client.get_run(res.parent_run_id).info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{res.parent_run_id}'")
     assert sorted(c.data.params["loss.mode"] for c in children) == ["gan", "vae_dis_l"]
     assert sorted(r.params["loss.mode"] for r in res.rows) == ["gan", "vae_dis_l"]
-    assert all(r.status == "completed" and r.step == 4 for r in res.rows), res.rows  # fifo: no early stop
+    # 1.2 s of training: a few steps, far from train.steps, and still the trial's end
+    assert all(r.status == "completed" and 1 <= r.step < 1000 for r in res.rows), res.rows
     artifacts = {a.path for a in client.list_artifacts(res.parent_run_id, "sweep")}
-    assert "sweep/kl_prior_vs_mode.png" in artifacts
+    assert {"sweep/kl_prior_vs_mode.png", "sweep/comparison.png", "sweep/comparison.json"} <= artifacts
     table = client.download_artifacts(res.parent_run_id, "sweep/trials.md", str(tmp_path))
     assert "| loss.mode |" in open(table).read()
+    compared = json.load(open(client.download_artifacts(res.parent_run_id, "sweep/comparison.json",
+                                                        str(tmp_path))))
+    assert [c["model"] for c in compared] == [r.params["loss.mode"] for r in res.rows]
+    for c, r in zip(compared, res.rows, strict=True):  # scored at the step the budget ended
+        (trial,) = c["trials"]
+        assert trial["step"] == r.step and trial["n_images"] > 2 and trial["fid_samples"] > 0
+    lines = res.comparison.splitlines()
+    assert lines[0].startswith("| model | seeds | steps | FID samples |") and len(lines) == 4

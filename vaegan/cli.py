@@ -102,7 +102,7 @@ def sweep_options(args: argparse.Namespace):
         lr_min=args.lr_min, lr_max=args.lr_max, scheduler=args.scheduler,
         workers_per_trial=args.workers_per_trial, metric=args.metric, mode=args.mode,
         grace_period=args.grace_period, reduction_factor=args.reduction_factor,
-        max_concurrent=args.max_concurrent, seed=args.seed)
+        max_concurrent=args.max_concurrent, seed=args.seed, compare=args.compare)
 
 
 def _space_arg(kind: str):
@@ -170,6 +170,9 @@ def _add_tune(sub) -> None:
     p.add_argument("--max-concurrent", type=int, default=d.max_concurrent,
                    help=f"trials at the same time (default {d.max_concurrent})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"search seed (default {d.seed})")
+    p.add_argument("--compare", action="store_true",
+                   help="afterwards score every completed trial's final model (FID, KID, sharpness, "
+                   "recognisability) and draw one row per configuration: the models side by side")
     p.set_defaults(func=_tune)
 
 

@@ -99,6 +99,9 @@ class SweepOptions:
     """Logical CPUs of each trial's driver process (its workers ask train.cpus_per_worker each)."""
     seed: int = 0
     """Seed of the search (which gammas are drawn)."""
+    compare: bool = False
+    """After the sweep, score every completed trial's final model under one protocol and
+    log a table and a figure of the configurations side by side (vaegan.compare)."""
 
 
 @dataclass
@@ -129,6 +132,8 @@ class SweepResult:
     best: TrialRow | None = None
     challenger_uri: str = ""
     storage: str = ""
+    comparison: str = ""
+    """--compare: the configurations' table (markdown)."""
 
     @property
     def failed(self) -> list[TrialRow]:
@@ -337,9 +342,10 @@ def trial_config(base: dict, params: dict, name: str) -> Config:
 def forwards(metric: str, steps: int, report: dict) -> bool:
     """Which of rank 0's reports reach Tune: those that carry the sweep's metric (Tune rejects
     results without it; eval_* come only every train.eval_every steps), except the last
-    step's: a trial that ASHA stops is killed at once, and after the last report rank 0 still
-    logs to MLflow. `driver_fn` reports the last step itself once training has returned."""
-    return metric in report and report.get("step", 0) < steps
+    step's (train.steps, or "last" where train.minutes ran out): a trial that ASHA stops is
+    killed at once, and after the last report rank 0 still logs to MLflow. `driver_fn`
+    reports the last step itself once training has returned."""
+    return metric in report and report.get("step", 0) < steps and not report.get("last")
 
 
 def _report_callback(metric: str, steps: int):
@@ -384,7 +390,8 @@ def driver_fn(config: dict, ctx: dict) -> None:
     final = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
     if metric not in final:  # None at times (docs/platform.md#ray-train): read it from the child run
         final.update(client.get_run(run_id).data.metrics)
-    final["step"] = steps
+    final.setdefault("step", steps)  # earlier than train.steps where train.minutes ran out
+    final["last"] = 1.0  # training returned: this is the trial's final step
     final["checkpoint_path"] = result.checkpoint.path if result.checkpoint else ""
     ray.tune.report(final)
 
@@ -471,7 +478,7 @@ def _sweep(cfg: Config, opts: SweepOptions) -> SweepResult:
     cfg = config_from_dict(cfg.to_dict())  # the caller's config stays as it was
     opts = check_options(cfg, opts)
     cfg.data.shards = resolve_data(cfg)
-    featurizer = resolve_featurizer(cfg)
+    featurizer = resolve_featurizer(cfg, "--compare" if opts.compare else "")
     if featurizer and "://" not in featurizer:
         featurizer = str(Path(featurizer).resolve())  # trials and workers run in other folders
     _check_featurizer(featurizer, opts.metric)
@@ -522,7 +529,30 @@ def _sweep(cfg: Config, opts: SweepOptions) -> SweepResult:
     res = SweepResult(opts.name, parent, uri, opts.metric, opts.mode, storage=storage.child(opts.name).url)
     res.rows = _rows(grid, cfg, opts)
     _summarise(res, cfg, opts)
+    if opts.compare:
+        res.comparison = _compare(res, cfg, featurizer, storage.url)
     return res
+
+
+def _compare(res: SweepResult, cfg: Config, featurizer: str, storage_url: str) -> str:
+    """Score the completed trials side by side (vaegan.compare); table and figure to the
+    parent run. -> the table."""
+    import mlflow
+
+    from vaegan import compare
+
+    trials = config_from_dict(cfg.to_dict())
+    trials.train.storage_path = storage_url  # the filesystem the trials' checkpoints are on
+    print(f"[vaegan] comparing the completed trials of sweep {res.name} (final models, "
+          f"up to {compare.FID_N} held-out images each)", flush=True)
+    scored, real = compare.score_trials(res.rows, trials, featurizer)
+    configs = compare.group(scored)
+    table = compare.format_table(configs)
+    client = mlflow.MlflowClient(res.tracking_uri)
+    client.log_text(res.parent_run_id, table, "sweep/comparison.md")
+    client.log_dict(res.parent_run_id, compare.as_json(configs), "sweep/comparison.json")
+    client.log_figure(res.parent_run_id, compare.figure(configs, real), "sweep/comparison.png")
+    return table
 
 
 def _rows(grid, cfg: Config, opts: SweepOptions) -> list[TrialRow]:
@@ -544,7 +574,8 @@ def _rows(grid, cfg: Config, opts: SweepOptions) -> list[TrialRow]:
         elif not m.get("done"):
             status = "unfinished"
         else:
-            status = "completed" if step >= cfg.train.steps else "stopped early"
+            # "last": the run's final step (train.steps, or where train.minutes ran out)
+            status = "completed" if m.get("last") or step >= cfg.train.steps else "stopped early"
         history = result.metrics_dataframe
         rows.append(TrialRow(
             trial_id=trial_id, run_id=run[0].info.run_id if run else "",
@@ -706,6 +737,10 @@ def main_tune(cfg: Config, opts: SweepOptions) -> SweepResult:
                       f"  MLflow parent run: {res.parent_run_id} ({res.tracking_uri})\n"
                       f"  sweep storage:     {res.storage} (trials' checkpoints: {res.storage}-trials)"),
           file=sys.stdout, flush=True)
+    if res.comparison:
+        print(f"\n[vaegan] the completed trials' final models side by side (mean ± half the range "
+              f"over seeds; also sweep/comparison.md and .png in the parent run):\n{res.comparison}",
+              flush=True)
     if res.best:
         chosen = ", ".join(f"{k}={_show(v)}" for k, v in res.best.params.items())
         print(f"  challenger:        {res.challenger_uri} (trial {res.best.trial_id}, {chosen})", flush=True)

@@ -1,0 +1,43 @@
+"""A sweep's models side by side (vaegan.compare): grouping over seeds and the table. The real
+sweep with --compare runs in tests/test_tune.py."""
+
+from vaegan.compare import Scored, format_table, group, label
+from vaegan.evaluate import EvalMetrics
+
+
+def metrics(fid: float, recognisable: float | None = 0.5) -> EvalMetrics:
+    return EvalMetrics(fid_samples=fid, fid_recon=2.0, kid_samples=0.004, kid_recon=0.001,
+                       sharpness_samples=0.9, sharpness_recon=0.8, mse_recon=0.01, ssim_recon=0.7,
+                       dis_l_recon=3.0, recognisable=recognisable, recognisable_p50=0.9,
+                       recognisable_real=0.93, n_images=500)
+
+
+def scored(mode: str, seed: int, fid: float, **kw) -> Scored:
+    return Scored(f"t-{mode}-{seed}", {"loss.mode": mode, "train.seed": seed}, 100 + seed,
+                  metrics(fid, **kw), model=None, mode=mode)
+
+
+def test_seeds_of_one_configuration_are_one_row_with_mean_and_half_range():
+    configs = group([scored("gan", 1, 30.0), scored("vae", 0, 50.0), scored("gan", 0, 20.0),
+                     scored("vae", 1, 70.0)])
+    assert [c.label for c in configs] == ["gan", "vae"]  # in order of first appearance
+    assert [t.params["train.seed"] for t in configs[0].trials] == [0, 1]
+    assert configs[0].mean("fid_samples") == 25.0 and configs[1].spread("fid_samples") == 20.0
+    lines = format_table(configs).splitlines()
+    assert lines[0].startswith("| model | seeds | steps | FID samples | FID recon | KID samples x1e3 |")
+    assert lines[2].startswith("| gan | 2 | 100/101 | 25.0 ± 5.0 | 2.000 ± 0.000 | 4.000 ± 0.000 |")
+    assert lines[3].startswith("| vae | 2 | 100/101 | 60.0 ± 10.0 |")
+
+
+def test_a_metric_some_model_lacks_is_na_and_a_column_none_has_is_left_out():
+    one_seed = group([scored("vae", 0, 50.0, recognisable=None), scored("gan", 0, 20.0)])
+    table = format_table(one_seed)
+    assert "recognised p>0.9" in table and "| n/a |" in table and "±" not in table
+    none = format_table(group([scored("vae", 0, 50.0, recognisable=None)]))
+    assert "recognised" not in none
+
+
+def test_labels_name_the_values_and_the_keys_when_several_are_searched():
+    assert label({"loss.mode": "gan", "train.seed": 3}) == "gan"
+    assert label({"loss.mode": "gan", "loss.gamma": 0.1, "train.seed": 0}) == "mode=gan, gamma=0.1"
+    assert label({"train.seed": 0}) == "(base config)"
