@@ -7,6 +7,7 @@ evaluation (FIDs, and the share of samples a digit classifier recognises).
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -27,6 +28,8 @@ def run_demo(out: str | Path = "outputs/demo-samples.png") -> None:
     cfg.train.name = time.strftime("demo-%Y%m%d-%H%M%S")  # a fresh run each time
     cfg.train.eval_every = cfg.train.steps  # evaluate once, at the end, for the summary
     res = main_train(cfg)
+    # MLflow's per-file download bar would be the only noise after a clean run
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     model = load_model(res.model_uri, tracking_uri=res.tracking_uri)  # from the registry, as a user would
     out = save_grid(model.sample(64, seed=0), Path(out).resolve(), nrow=8)
     metrics = mlflow.MlflowClient(res.tracking_uri).get_run(res.mlflow_run_id).data.metrics
