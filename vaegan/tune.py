@@ -269,6 +269,8 @@ def check_options(cfg: Config, opts: SweepOptions) -> SweepOptions:
     if opts.mode not in ("min", "max"):
         raise TuneError(f"--mode {opts.mode!r}: choose one of: min | max")
 
+    if opts.scheduler != "asha":  # fifo judges trials at their end only
+        return opts
     # ASHA's time axis is the step; the metric arrives every `every` steps (and at the end).
     T = cfg.train
     every = T.eval_every if opts.metric.startswith("eval_") else T.log_every
