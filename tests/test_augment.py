@@ -62,6 +62,8 @@ def test_gradients_flow_through_every_transform():
 def test_the_policy_is_checked_by_name():
     cfg = load_config("debug", overrides=["loss.augment=translation, cutout"])
     assert cfg.loss.augment_policy == ("translation", "cutout")
+    plus = load_config("debug", overrides=["loss.augment=color+cutout"])  # a sweep grid's form
+    assert plus.loss.augment_policy == ("color", "cutout")
     with pytest.raises(ConfigError, match=r"loss.augment='flip' is not allowed.*translation \| cutout"):
         load_config("debug", overrides=["loss.augment=translation,flip"])
     with pytest.raises(ValueError, match="'flip'"):

@@ -297,3 +297,16 @@ def test_state_dict_round_trip_gives_the_identical_next_step(debug_cfg):
     clone_step(x)
     for a, b in zip(model.state_dict().values(), clone.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_the_lr_anneal_follows_the_steps_or_a_progress_the_caller_gives(debug_cfg):
+    debug_cfg.optim.lr_final = debug_cfg.optim.lr / 100
+    debug_cfg.train.steps = 4
+    _, step = make(debug_cfg)
+    step.step_count = 2  # half of train.steps: the geometric mean of lr and lr_final
+    step(batch(debug_cfg))
+    assert step.opt_dec.param_groups[0]["lr"] == pytest.approx(debug_cfg.optim.lr / 10)
+    step.progress = 1.0  # e.g. train.minutes spent, far from train.steps
+    step(batch(debug_cfg))
+    assert all(g["lr"] == pytest.approx(debug_cfg.optim.lr_final)
+               for opt in step.optimizers.values() for g in opt.param_groups)

@@ -95,7 +95,8 @@ class LossConfig:
     equilibrium_margin: float = 0.35
     augment: str = ""
     """Differentiable augmentation of everything Dis sees, real and generated alike
-    (DiffAugment; vaegan.augment): a comma list of translation, cutout, color; empty: none.
+    (DiffAugment; vaegan.augment): translation, cutout, color, joined by ',' or '+' (in a
+    sweep: --grid "loss.augment='',translation+cutout"); empty: none.
     For small data sets, where Dis otherwise memorises the real images."""
     adversarial_warmup: int = 0
     """Steps over which the adversarial term's weight in Dec's gradient ramps from 0 to 1
@@ -103,7 +104,8 @@ class LossConfig:
 
     @property
     def augment_policy(self) -> tuple[str, ...]:
-        return tuple(p.strip() for p in self.augment.split(",") if p.strip())
+        """loss.augment's names; ',' or '+' between them (a sweep's grid splits values at ',')."""
+        return tuple(p.strip() for p in self.augment.replace("+", ",").split(",") if p.strip())
 
     def validate(self) -> None:
         _choice("loss", "mode", self.mode, MODES)
@@ -194,8 +196,9 @@ class TrainConfig:
     minutes: float = 0.0
     """A wall-clock budget: the run ends at the first step after this many minutes of its
     training loop (summed over restarts), with the final checkpoint, evaluation and
-    registration there, as at train.steps. 0: none. For comparing models on equal time
-    (an lr anneal still runs over train.steps)."""
+    registration there, as at train.steps. 0: none. For comparing models on equal time, and
+    for runs that must end in time; an lr anneal then follows whichever of train.steps and
+    train.minutes runs out first."""
     num_workers: int = 2
     """Ray Train workers (DDP ranks)."""
     use_gpu: bool = False

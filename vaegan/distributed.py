@@ -119,11 +119,6 @@ def total(t: torch.Tensor) -> torch.Tensor:
     return _all_reduce_sum(t)
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank when `flag` is true on some rank (a decision all ranks must share)."""
-    return bool(total(torch.tensor([float(flag)])) > 0)
-
-
 def gather(value: object) -> list:
     """Every rank's `value`, in rank order (a one-element list when not distributed)."""
     if not is_distributed():

@@ -120,6 +120,9 @@ class TrainStep:
         self.mean_across_ranks = mean_across_ranks or (lambda t: t)
         self.precision = resolve_precision(cfg.train.precision, self.device)
         self.step_count = 0
+        self.progress: float | None = None
+        """The share of the run done, where the caller knows better than step / train.steps
+        (a time budget, train.minutes): the lr anneal follows it."""
         self._compiled = None
         if cfg.train.compile:
             if any(isinstance(n, nn.parallel.DistributedDataParallel)
@@ -360,11 +363,14 @@ class TrainStep:
                            skip_dis=float(skip_dis), skip_dec=float(skip_dec))
 
     def _set_lr(self) -> None:
-        """Geometric anneal from optim.lr to optim.lr_final over train.steps (if set)."""
+        """Geometric anneal from optim.lr to optim.lr_final over train.steps, or over
+        `progress` when the caller sets it (if lr_final is set)."""
         o = self.cfg.optim
         if o.lr_final <= 0:
             return
-        frac = min(1.0, self.step_count / max(1, self.cfg.train.steps))
+        frac = self.progress
+        if frac is None:
+            frac = min(1.0, self.step_count / max(1, self.cfg.train.steps))
         lr = o.lr * (o.lr_final / o.lr) ** frac
         for opt in self.optimizers.values():
             for group in opt.param_groups:

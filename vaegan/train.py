@@ -332,6 +332,8 @@ def loop(w: Worker, config: dict) -> None:
                      io_retry_seconds=cfg.data.io_retry_seconds, pin_memory=w.device.type == "cuda")
     progress = Progress(w.state.step, T.steps)
     clock = time.perf_counter()  # train.minutes counts the loop's wall-clock time
+    if T.minutes:
+        w.step.progress = run_progress(T, w.state)
     while w.state.step < T.steps:
         state = w.state  # a rollback replaces it
         # After a rollback the data order and the noise change too, so the retried steps
@@ -359,8 +361,12 @@ def loop(w: Worker, config: dict) -> None:
             state.batch += 1
             state.trained_seconds += time.perf_counter() - clock
             clock = time.perf_counter()
-            if T.minutes and distributed.any_rank(out_of_time(T, state)):
-                T.steps = state.step  # this step is the last: final checkpoint, evaluation, registration
+            if T.minutes:  # one clock for all ranks (their own differ a little), so they stop together
+                state.trained_seconds = float(distributed.mean(torch.tensor([state.trained_seconds],
+                                                                            dtype=torch.float64)))
+                w.step.progress = run_progress(T, state)  # the lr anneal's, identical on every rank
+                if out_of_time(T, state):
+                    T.steps = state.step  # this step is the last: final checkpoint, evaluation, registration
             if w.rank == 0 and config.get("fault"):
                 _maybe_fail(config["fault"], state.step)
             report(w, progress, loader, register=config.get("register", True))
@@ -371,8 +377,14 @@ def loop(w: Worker, config: dict) -> None:
 
 
 def out_of_time(T, state: TrainState) -> bool:
-    """train.minutes spent (ranks' clocks differ a little: the loop asks any_rank)."""
+    """train.minutes spent."""
     return bool(T.minutes) and state.trained_seconds >= T.minutes * 60
+
+
+def run_progress(T, state: TrainState) -> float:
+    """The share of the run done with a time budget: of train.steps or of train.minutes,
+    whichever runs out first (what the lr anneal follows then)."""
+    return min(1.0, max(state.step / T.steps, state.trained_seconds / (T.minutes * 60)))
 
 
 class Divergence(NonFiniteLossError):
@@ -594,7 +606,8 @@ def _print_progress(step: int, steps: int, m: dict[str, float], start_step: int,
                     budget_left: float = math.inf) -> None:
     done = step - start_step
     eta = min((time.time() - t_start) / max(done, 1) * (steps - step), max(budget_left, 0))
-    say(f"[vaegan] step {step:>6}/{steps} | kl {m['kl_prior']:8.2f} | llike {m['llike_dis_l']:9.2f}"
+    llike = m["llike_dis_l"] + m["llike_pixel"]  # one of them is 0: Dis_l, or pixels (mode=vae)
+    say(f"[vaegan] step {step:>6}/{steps} | kl {m['kl_prior']:8.2f} | llike {llike:9.2f}"
         f" | gan {m['gan_bce']:.3f} | D(x) {m['d_real']:.2f} D(x~) {m['d_recon']:.2f}"
         f" D(xp) {m['d_prior']:.2f} | {m['images_per_s']:6.1f} img/s | ETA {_hms(eta)}")
 
