@@ -26,14 +26,14 @@ SEED_KEY = "train.seed"
 FIGURE_INPUTS = 8  # held-out images and prior samples per figure row
 FIGURE_SEED = 4321  # the z_p of the figure, the same for every row
 
-COLUMNS = (  # (EvalMetrics field, heading, scale): the table's metrics
-    ("fid_samples", "FID samples", 1.0),
-    ("fid_recon", "FID recon", 1.0),
-    ("kid_samples", "KID samples x1e3", 1e3),
-    ("kid_recon", "KID recon x1e3", 1e3),
-    ("sharpness_samples", "sharpness samples", 1.0),
-    ("sharpness_recon", "sharpness recon", 1.0),
-    ("recognisable", "recognised p>0.9", 1.0),
+COLUMNS = (  # (EvalMetrics field, heading): the table's metrics
+    ("fid_samples", "FID samples"),
+    ("fid_recon", "FID recon"),
+    ("kid_samples", "KID samples"),
+    ("kid_recon", "KID recon"),
+    ("sharpness_samples", "sharpness samples"),
+    ("sharpness_recon", "sharpness recon"),
+    ("recognisable", "recognised p>0.9"),
 )
 
 
@@ -109,24 +109,23 @@ def score_trials(rows, cfg: Config, featurizer_dir: str, n: int = FID_N,
     return scored, real
 
 
-def _cell(row: ConfigRow, name: str, scale: float) -> str:
+def _cell(row: ConfigRow, name: str) -> str:
     m, s = row.mean(name), row.spread(name)
     if m is None:
         return "n/a"
-    digits = 3 if abs(m * scale) < 10 else 1
-    text = f"{m * scale:.{digits}f}"
-    return text + (f" ± {s * scale / 2:.{digits}f}" if len(row.trials) > 1 else "")
+    digits = 3 if abs(m) < 10 else 1 if abs(m) < 100 else 0  # about 3 significant digits
+    return f"{m:.{digits}f}" + (f" ± {s / 2:.{digits}f}" if len(row.trials) > 1 else "")
 
 
 def format_table(configs: list[ConfigRow]) -> str:
     """Markdown: one line per configuration, mean ± half the spread over its seeds."""
     columns = [c for c in COLUMNS if any(r.mean(c[0]) is not None for r in configs)]
-    head = "| model | seeds | steps | " + " | ".join(h for _, h, _ in columns) + " |"
+    head = "| model | seeds | steps | " + " | ".join(h for _, h in columns) + " |"
     lines = [head, "|---" * (3 + len(columns)) + "|"]
     for r in configs:
         steps = "/".join(str(t.step) for t in r.trials)
         lines.append(f"| {r.label} | {len(r.trials)} | {steps} | "
-                     + " | ".join(_cell(r, name, scale) for name, _, scale in columns) + " |")
+                     + " | ".join(_cell(r, name) for name, _ in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
