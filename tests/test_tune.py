@@ -279,5 +279,6 @@ def test_grid_sweep_over_loss_mode_on_a_time_budget_compared_side_by_side(
     for c, r in zip(compared, res.rows, strict=True):  # scored at the step the budget ended
         (trial,) = c["trials"]
         assert trial["step"] == r.step and trial["n_images"] > 2 and trial["fid_samples"] > 0
+        assert (trial["fid_recon"] is None) == (c["model"] == "gan")  # a GAN has no encoder
     lines = res.comparison.splitlines()
     assert lines[0].startswith("| model | seeds | steps | FID samples |") and len(lines) == 4

@@ -23,6 +23,7 @@ from vaegan.evaluate import FID_N, EvalMetrics, evaluate_model, load_real_images
 from vaegan.model import VAEGAN
 
 SEED_KEY = "train.seed"
+RECON_FIELDS = ("fid_recon", "kid_recon", "sharpness_recon", "mse_recon", "ssim_recon", "dis_l_recon")
 FIGURE_INPUTS = 8  # held-out images and prior samples per figure row
 FIGURE_SEED = 4321  # the z_p of the figure, the same for every row
 
@@ -105,6 +106,8 @@ def score_trials(rows, cfg: Config, featurizer_dir: str, n: int = FID_N,
         with Checkpoint(r.checkpoint_path, filesystem=fs).as_directory() as d:
             model, trial_cfg, state = load_checkpoint(d, map_location=device)
         metrics = evaluate_model(model, real, featurizer, n=n)
+        if trial_cfg.loss.mode == "gan":  # no encoder was trained: nothing to reconstruct with
+            metrics = metrics._replace(**dict.fromkeys(RECON_FIELDS))
         scored.append(Scored(r.trial_id, r.params, state.step, metrics, model, trial_cfg.loss.mode))
     return scored, real
 
