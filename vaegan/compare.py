@@ -160,13 +160,13 @@ def figure(configs: list[ConfigRow], real: torch.Tensor):
                         generator=torch.Generator().manual_seed(FIGURE_SEED))
         recon = blank if first.mode == "gan" else model.reconstruct(x.to(model.device)).float().cpu()
         rows.append((r.label, torch.cat([recon, model.decode(z.to(model.device)).float().cpu()])))
-    fig, axes = plt.subplots(len(rows), 1, figsize=(8, 0.65 * len(rows) + 0.6), dpi=120, squeeze=False)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(8, 0.85 * len(rows) + 0.4), dpi=120, squeeze=False)
     for ax, (name, images) in zip(axes[:, 0], rows, strict=True):
         ax.imshow(grid_image(images, nrow=2 * FIGURE_INPUTS), cmap="gray", vmin=0, vmax=255)
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
-    axes[0, 0].set_title("reconstructions of the same inputs  |  samples of the same z_p", fontsize=9)
+        ax.set_title(name, loc="left", fontsize=8, pad=2)  # above the row: labels may be long
+    fig.suptitle("reconstructions of the same inputs  |  samples of the same z_p", fontsize=9)
     fig.tight_layout()
     plt.close(fig)
     return fig
