@@ -13,7 +13,10 @@ from pathlib import Path
 
 from vaegan.config import load_config, redact_text
 
-DEMO_OVERRIDES = ["train.num_workers=2"]
+DEMO_OVERRIDES = ["train.num_workers=2", "train.minutes=7.5"]
+"""Two CPU workers; at most 7.5 minutes of training (the preset's 3,000 steps take ~6 on a
+2-core CPU with AMX, ~11 on one with AVX-512 BF16 only), so that with the featurizer, Ray's
+start, the evaluation and the registration the demo ends within 10 minutes of its start."""
 
 
 def run_demo(out: str | Path = "outputs/demo-samples.png") -> None:

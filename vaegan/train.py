@@ -312,7 +312,8 @@ def announce(w: Worker) -> None:
         return
     T, s = w.cfg.train, w.state
     if s.step == 0:
-        say(f"[vaegan] training {T.name}: {T.steps} steps, {w.world} worker(s) x batch "
+        budget = f" (or {T.minutes:g} minutes, if sooner)" if T.minutes else ""
+        say(f"[vaegan] training {T.name}: {T.steps} steps{budget}, {w.world} worker(s) x batch "
             f"{w.cfg.data.batch_size}, precision {w.step.precision}, MLflow run {s.mlflow_run_id}")
     else:
         say(f"[vaegan] resuming {T.name} at step {s.step} (epoch {s.epoch}, batch {s.batch})")
