@@ -7,7 +7,8 @@ the same global batch, precision and layout, workers x threads threads). Reporte
 
     images_per_s        end to end: the images of every report window after the warm-up
                         over the time those windows took (the loop's own clock, all ranks)
-    bare_images_per_s   the bare step; `ratio` = end to end / bare
+    bare_images_per_s   the bare step (images over time, timed before and after the training,
+                        the mean of the two); `ratio` = end to end / bare
     per_step_ms         where a step's time goes on rank 0 (the loop's time_* metrics): data
                         (waiting for a batch), step (forward, backward, gradient all-reduce,
                         optimizer), report (the metric reduction and Ray's report barrier),
@@ -53,15 +54,15 @@ def bare_step(cfg: Config, batch: int, threads: int, steps: int, warmup: int,
         m = cfg.model
         x = (torch.rand(batch, m.channels, m.image_size, m.image_size, device=device) * 2 - 1
              ).to(memory_format=layout)
-        times = []
         for i in range(warmup + steps):
-            synchronize(device)
-            t = time.perf_counter()
+            if i == warmup:
+                synchronize(device)
+                start = time.perf_counter()
             step(x)
-            synchronize(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - t)
-        return batch / statistics.median(times)
+        synchronize(device)
+        # images over the whole time, as the end-to-end figure is counted (a median would
+        # leave out the stalls that end to end has to count)
+        return batch * steps / (time.perf_counter() - start)
     finally:
         torch.set_num_threads(before)
 
@@ -118,9 +119,13 @@ def bench_train(preset: str = "mnist32", overrides: list[str] | None = None, *, 
     # On GPUs the yardstick is one GPU (the bare step at one worker's batch), times the workers.
     device = torch.device("cuda" if cfg.train.use_gpu else "cpu")
     per_device = cfg.data.batch_size if cfg.train.use_gpu else global_batch
-    bare = bare_step(cfg, per_device, workers * threads, steps=max(5, steps // 10), warmup=3,
-                     device=device) * (workers if cfg.train.use_gpu else 1)
+    def bare_now() -> float:
+        return bare_step(cfg, per_device, workers * threads, steps=max(5, steps // 10), warmup=3,
+                         device=device) * (workers if cfg.train.use_gpu else 1)
+
+    before = bare_now()
     res = fit(cfg)
+    bare = statistics.mean([before, bare_now()])  # before and after: these machines drift
     client = mlflow.MlflowClient(res.tracking_uri)
 
     def history(name: str) -> dict[int, float]:
