@@ -35,7 +35,6 @@ from vaegan.errors import UserError
 
 DEFAULT_STORAGE = "runs"  # relative to where the driver starts; made absolute
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's State API clients look first
-WORKER_NICENESS_ENV = "RAY_worker_niceness"  # Ray's config entry worker_niceness (default 15)
 _started_gcs: str | None = None  # the GCS address of the local Ray that `connect` started, if any
 _started_api_server: str | None = None  # API_SERVER_ENV before `connect` set it
 
@@ -64,11 +63,6 @@ def connect(cpus_needed: float = 1, *, min_cpus: int = 0) -> None:
     # "Found multiple active Ray instances" and a traceback. RAY_API_SERVER_ADDRESS, set before
     # init so every Ray process started here inherits it, points it at this Ray's dashboard.
     global _started_api_server, _started_gcs
-    # Ray starts its worker processes at nice 15 (worker_niceness): the training workers then
-    # yield the cores to every wake-up of the raylet, GCS, dashboard and driver, and a step
-    # whose threads meet at barriers waits for the one preempted. Measured: the same bare step
-    # ~10% slower in a Ray task than in a plain process (docs/platform.md#cpu-speed).
-    os.environ.setdefault(WORKER_NICENESS_ENV, "0")
     port = free_port()
     _started_api_server = os.environ.get(API_SERVER_ENV)
     os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"

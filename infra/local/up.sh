@@ -104,9 +104,6 @@ export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0
 # on this host; with another Ray running here they pick the wrong one or none. This points
 # every process of this cluster at its own dashboard.
 export RAY_API_SERVER_ADDRESS="$dashboard"
-# Workers at nice 0, not Ray's 15: training threads then do not yield to every wake-up of
-# the raylet and GCS (docs/platform.md#cpu-speed).
-export RAY_worker_niceness=0
 cat > "$state/env" <<EOF
 # source this file to use the local cluster (written by infra/local/up.sh)
 export PATH="$venv_bin:\$PATH"
