@@ -23,7 +23,6 @@ from vaegan.evaluate import FID_N, EvalMetrics, evaluate_model, load_real_images
 from vaegan.model import VAEGAN
 
 SEED_KEY = "train.seed"
-RECON_FIELDS = ("fid_recon", "kid_recon", "sharpness_recon", "mse_recon", "ssim_recon", "dis_l_recon")
 FIGURE_INPUTS = 8  # held-out images and prior samples per figure row
 FIGURE_SEED = 4321  # the z_p of the figure, the same for every row
 
@@ -58,13 +57,17 @@ class ConfigRow:
     label: str
     trials: list[Scored] = field(default_factory=list)
 
-    def mean(self, name: str) -> float | None:
+    def _values(self, name: str) -> list[float] | None:
         values = [getattr(t.metrics, name) for t in self.trials]
-        return None if any(v is None for v in values) else sum(values) / len(values)
+        return None if any(v is None for v in values) else values
+
+    def mean(self, name: str) -> float | None:
+        values = self._values(name)
+        return None if values is None else sum(values) / len(values)
 
     def spread(self, name: str) -> float | None:
-        values = [getattr(t.metrics, name) for t in self.trials]
-        return None if any(v is None for v in values) else max(values) - min(values)
+        values = self._values(name)
+        return None if values is None else max(values) - min(values)
 
 
 def label(params: dict[str, Any]) -> str:
@@ -105,9 +108,7 @@ def score_trials(rows, cfg: Config, featurizer_dir: str, n: int = FID_N,
             continue
         with Checkpoint(r.checkpoint_path, filesystem=fs).as_directory() as d:
             model, trial_cfg, state = load_checkpoint(d, map_location=device)
-        metrics = evaluate_model(model, real, featurizer, n=n)
-        if trial_cfg.loss.mode == "gan":  # no encoder was trained: nothing to reconstruct with
-            metrics = metrics._replace(**dict.fromkeys(RECON_FIELDS))
+        metrics = evaluate_model(model, real, featurizer, n=n, reconstructs=trial_cfg.loss.mode != "gan")
         scored.append(Scored(r.trial_id, r.params, state.step, metrics, model, trial_cfg.loss.mode))
     return scored, real
 

@@ -190,6 +190,9 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
 # All metrics of one model.
 
 
+RECON_FIELDS = ("fid_recon", "kid_recon", "sharpness_recon", "mse_recon", "ssim_recon", "dis_l_recon")
+
+
 class EvalMetrics(NamedTuple):
     """What `evaluate_model` reports; the field names are the metric names."""
 
@@ -235,8 +238,11 @@ def _top_class_p(featurizer: Featurizer, images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_model(model: VAEGAN, real_images: torch.Tensor, featurizer: Featurizer, n: int = FID_N,
-                   seed: int = SAMPLE_SEED, *, batch_size: int = BATCH) -> EvalMetrics:
+                   seed: int = SAMPLE_SEED, *, batch_size: int = BATCH,
+                   reconstructs: bool = True) -> EvalMetrics:
     """Score `model` against held-out `real_images` (N, C, H, W) in [-1, 1] (module docstring).
+    `reconstructs` False (loss.mode=gan: no encoder was trained) leaves the reconstruction
+    metrics out (None).
 
     Uses the first min(n, N) images. The model is put in eval mode (batch norm on its running
     statistics) and handed back in the mode it came in, so the training loop can call this
@@ -286,7 +292,7 @@ def evaluate_model(model: VAEGAN, real_images: torch.Tensor, featurizer: Featuri
         model.train(was_training)
 
     real, recon, samples = (torch.cat(f) for f in (feats_real, feats_recon, feats_samples))
-    return EvalMetrics(
+    metrics = EvalMetrics(
         fid_samples=fid_from_features(real, samples),
         fid_recon=fid_from_features(real, recon),
         kid_samples=kid_from_features(real, samples, seed)[0],
@@ -301,6 +307,7 @@ def evaluate_model(model: VAEGAN, real_images: torch.Tensor, featurizer: Featuri
         recognisable_real=confident_real / n if softmax else None,
         n_images=n,
     )
+    return metrics if reconstructs else metrics._replace(**dict.fromkeys(RECON_FIELDS))
 
 
 # ---------------------------------------------------------------------------------------

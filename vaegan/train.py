@@ -230,7 +230,8 @@ def set_up(config: dict) -> Worker:
         w.fixed_z = fixed_z.to(device)
         w.real = held_out[:16].to(device)
         if cfg.train.eval_every:
-            w.evaluator = _Evaluator(held_out, config["featurizer"], cfg.train.eval_images, device)
+            w.evaluator = _Evaluator(held_out, config["featurizer"], cfg.train.eval_images, device,
+                                     reconstructs=cfg.loss.mode != "gan")
     return w
 
 
@@ -543,10 +544,10 @@ class _Evaluator:
     """Periodic validation on rank 0: FID of samples and reconstructions, MSE, SSIM, Dis_l
     distance and (digits) the share of recognisable samples, as eval_* metrics."""
 
-    def __init__(self, held_out: torch.Tensor, featurizer_dir: str, n: int, device):
+    def __init__(self, held_out: torch.Tensor, featurizer_dir: str, n: int, device, reconstructs: bool):
         from vaegan.featurizer import load_featurizer
 
-        self.n = min(n, len(held_out))
+        self.n, self.reconstructs = min(n, len(held_out)), reconstructs
         self.real = held_out[: self.n].to(device)
         self.featurizer = load_featurizer(featurizer_dir, device)
 
@@ -554,7 +555,8 @@ class _Evaluator:
         """The metrics of `model` (the served one: averaged with train.ema) now."""
         from vaegan.evaluate import evaluate_model
 
-        return evaluate_model(model, self.real, self.featurizer, n=self.n).as_metrics()
+        return evaluate_model(model, self.real, self.featurizer, n=self.n,
+                              reconstructs=self.reconstructs).as_metrics()
 
 
 def _faults(spec: str, rank: int) -> list[tuple[int, Path]]:
