@@ -58,3 +58,38 @@ def test_cli_bench_step_prints_one_json_row_per_variant_and_layout(capsys):
         assert cfg.data.batch_size / (sec + 5e-4) - 0.05 <= r["images_per_s"], r
         assert sec < 5e-4 or r["images_per_s"] <= cfg.data.batch_size / (sec - 5e-4) + 0.05, r
     assert gflop["vaegan"] < gflop["plain"]
+
+
+def test_cpu_groups_name_ray_train_and_its_loaders():
+    from vaegan.bench_train import cpu_group
+
+    assert cpu_group("ray::RayTrainWorker", "/x/ray/core/src/ray/raylet/raylet --a", 5, 1) == "training workers"
+    assert cpu_group("ray::RayTrainWorker", "ray::RayTrainWorker", 6, 1) == "data loaders"  # a fork
+    for ray in ("ray::TrainController.run", "/v/lib/python3.11/site-packages/ray/core/src/ray/gcs/gcs_server",
+                "ray-dashboard-NodeHead-0 (python -c ...)", "ray::IDLE"):
+        assert cpu_group(ray, "", 7, 1) == "Ray", ray
+    assert cpu_group("python -m pytest", "bash", 1, 1) == "driver"
+    assert cpu_group("python -c busy()", "python -m pytest", 8, 1) == "other"
+
+
+def test_cpu_sampler_accounts_a_busy_process_in_its_group(tmp_path):
+    """A child that spins for 0.6 s of CPU (then idles, so a sample sees its total) appears
+    with the CPU time it measured itself."""
+    import subprocess
+    import sys
+    import time
+
+    from vaegan.bench_train import CpuSampler, cpu_group
+
+    def classify(cmd, parent_cmd, pid, me):
+        return "spinner" if "spin-marker" in cmd else cpu_group(cmd, parent_cmd, pid, me)
+
+    spin = ("# spin-marker\n""import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass\n"
+            "print(time.process_time())\ntime.sleep(1.5)")
+    with CpuSampler(interval=0.1, classify=classify) as cpu:
+        start = time.time()
+        child = subprocess.run([sys.executable, "-c", spin], capture_output=True, text=True, check=True)
+        end = time.time()
+    own = float(child.stdout)  # the child's CPU seconds, interpreter start included
+    seen = cpu.cores(start, end)["spinner"] * (end - start)
+    assert own - 0.05 <= seen <= own + 0.05, (own, seen)

@@ -16,16 +16,24 @@ the same global batch, precision and layout, workers x threads threads). Reporte
     allreduce_ms        one all-reduce of the three networks' gradients between two local
                         gloo processes (what DDP exchanges per step; measured apart, since
                         inside the step it overlaps the backward)
+    cores               where the machine's CPU time went over the timed window, in cores
+                        busy (`CpuSampler`): the training workers, their data loaders, Ray's
+                        own processes (raylet, GCS, dashboard, Train's controller and helper
+                        actors), the driver, and everything else on the machine. On a machine
+                        with as many cores as the workers' threads, whatever the rest uses is
+                        taken from the step.
 
 Ray start-up, data preparation and the first `warmup` steps are not counted.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import os
 import statistics
 import tempfile
+import threading
 import time
 
 import torch
@@ -65,6 +73,88 @@ def bare_step(cfg: Config, batch: int, threads: int, steps: int, warmup: int,
         return batch * steps / (time.perf_counter() - start)
     finally:
         torch.set_num_threads(before)
+
+
+CPU_GROUPS = ("training workers", "data loaders", "Ray", "driver", "other")
+
+
+def cpu_group(cmdline: str, parent_cmdline: str, pid: int, driver_pid: int) -> str:
+    """Which of CPU_GROUPS a process belongs to, from its command line and its parent's.
+    A DataLoader worker is a fork of a training worker, so it carries the same title."""
+    if pid == driver_pid:
+        return "driver"
+    if cmdline.startswith("ray::RayTrainWorker"):
+        return "data loaders" if parent_cmdline.startswith("ray::RayTrainWorker") else "training workers"
+    ray_parts = ("ray::", "ray-dashboard", "/ray/", "raylet", "gcs_server")
+    return "Ray" if any(part in cmdline for part in ray_parts) else "other"
+
+
+class CpuSampler:
+    """Cumulative CPU seconds (user + system) of every process on the machine, by group
+    (`classify(cmdline, parent's cmdline, pid, this pid)`, `cpu_group` by default), sampled every `interval` s in a thread; `cores(t0, t1)` is the CPU time each
+    group used between two wall-clock times over their distance. A process that ends keeps
+    the time it had at the last sample; one that starts counts from zero."""
+
+    def __init__(self, interval: float = 0.5, classify=cpu_group):
+        self.interval, self.classify = interval, classify
+        self.groups: list[str] = list(CPU_GROUPS)
+        self.times: list[float] = []
+        self.totals: list[dict[str, float]] = []
+        self._last: dict[tuple[int, float], tuple[str, float]] = {}  # (pid, start) -> (group, cpu s)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="vaegan-cpu-sampler", daemon=True)
+
+    def __enter__(self) -> CpuSampler:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def _sample(self) -> None:
+        import psutil
+
+        now, me = time.time(), os.getpid()
+        procs = {}
+        for p in psutil.process_iter(["pid", "ppid", "cmdline", "name", "create_time", "cpu_times"]):
+            info = p.info
+            if info["cpu_times"] is None:  # gone, or not ours to read
+                continue
+            procs[info["pid"]] = info
+        for pid, info in procs.items():
+            parent = procs.get(info["ppid"])
+            cmd = " ".join(info["cmdline"] or [info["name"] or ""])
+            parent_cmd = " ".join((parent["cmdline"] or [parent["name"] or ""])) if parent else ""
+            key = (pid, info["create_time"])
+            group = self._last[key][0] if key in self._last else self.classify(cmd, parent_cmd, pid, me)
+            self._last[key] = (group, info["cpu_times"].user + info["cpu_times"].system)
+        totals = dict.fromkeys(self.groups, 0.0)
+        for group, seconds in self._last.values():
+            if group not in totals:
+                self.groups.append(group)
+            totals[group] = totals.get(group, 0.0) + seconds
+        self.times.append(now)
+        self.totals.append(totals)
+
+    def _at(self, t: float) -> dict[str, float]:
+        """The cumulative totals at time t, linear between the two samples around it."""
+        i = min(max(bisect.bisect_left(self.times, t), 1), len(self.times) - 1)
+        t0, t1 = self.times[i - 1], self.times[i]
+        w = min(max((t - t0) / (t1 - t0), 0.0), 1.0) if t1 > t0 else 1.0
+        return {g: (1 - w) * self.totals[i - 1].get(g, 0.0) + w * self.totals[i].get(g, 0.0)
+                for g in self.groups}
+
+    def cores(self, t0: float, t1: float) -> dict[str, float]:
+        """Cores each group kept busy on average between wall-clock times t0 < t1."""
+        a, b = self._at(t0), self._at(t1)
+        return {g: (b[g] - a[g]) / (t1 - t0) for g in self.groups}
 
 
 def _allreduce_rank(rank: int, numel: int, port: int, repeats: int, out: str) -> None:
@@ -124,21 +214,27 @@ def bench_train(preset: str = "mnist32", overrides: list[str] | None = None, *, 
                          device=device) * (workers if cfg.train.use_gpu else 1)
 
     before = bare_now()
-    res = fit(cfg)
+    with CpuSampler() as cpu:
+        res = fit(cfg)
     bare = statistics.mean([before, bare_now()])  # before and after: these machines drift
     client = mlflow.MlflowClient(res.tracking_uri)
 
     def history(name: str) -> dict[int, float]:
         return {m.step: m.value for m in client.get_metric_history(res.mlflow_run_id, name)}
 
-    rates = {s: v for s, v in history("images_per_s").items() if s > warmup}
+    reports = client.get_metric_history(res.mlflow_run_id, "images_per_s")
+    rates = {m.step: m.value for m in reports if m.step > warmup}
     if not rates:
         raise ValueError(f"no report after the warm-up of {warmup} steps; raise --steps above it")
     # Each report covers the steps since the one before; its images over its seconds.
-    reported = sorted(history("images_per_s"))
+    reported = sorted(m.step for m in reports)
     spans = {s: s - prev for prev, s in zip([0, *reported], reported, strict=False) if s in rates}
     seconds = sum(spans[s] * global_batch / rates[s] for s in rates)
     end_to_end = sum(spans.values()) * global_batch / seconds
+    # The timed window on the wall clock (rank 0 logs each report when it is made): it ends
+    # at the last report and lasts the counted windows' seconds.
+    window_end = max(m.timestamp for m in reports) / 1000
+    cores = cpu.cores(window_end - seconds, window_end)
     per_step = {}
     for phase in PHASES:  # seconds per step in each report window, weighted by its steps
         h = history(f"time_{phase}")
@@ -155,7 +251,9 @@ def bench_train(preset: str = "mnist32", overrides: list[str] | None = None, *, 
         "ratio": round(end_to_end / bare, 3) if bare else math.nan,
         "per_step_ms": {k: round(v, 2) for k, v in per_step.items()},
         "bare_step_ms": round(1000 * global_batch / bare, 2),
-        "allreduce_ms": round(1000 * allreduce, 2), "gradients": grads, "mlflow_run": res.mlflow_run_id,
+        "allreduce_ms": round(1000 * allreduce, 2), "gradients": grads,
+        "cores": {g: round(c, 3) for g, c in cores.items()}, "machine_cores": os.cpu_count(),
+        "mlflow_run": res.mlflow_run_id,
     }
 
 
@@ -172,4 +270,7 @@ def format_report(r: dict) -> str:
     if r["workers"] > 1:
         lines.append(f"  {'gradient all-reduce (gloo)':<28} {r['allreduce_ms']:>9.2f} ms "
                      f"({r['gradients']:,} values, measured apart)")
+    lines.append(f"  cores busy over the timed window (the machine has {r['machine_cores']}):")
+    for group, cores in r["cores"].items():
+        lines.append(f"    {group:<26} {cores:>9.2f}")
     return "\n".join(lines)
