@@ -91,11 +91,12 @@ def cpu_group(cmdline: str, parent_cmdline: str, pid: int, driver_pid: int) -> s
 
 class CpuSampler:
     """Cumulative CPU seconds (user + system) of every process on the machine, by group
-    (`classify(cmdline, parent's cmdline, pid, this pid)`, `cpu_group` by default), sampled every `interval` s in a thread; `cores(t0, t1)` is the CPU time each
-    group used between two wall-clock times over their distance. A process that ends keeps
-    the time it had at the last sample; one that starts counts from zero."""
+    (`classify(cmdline, parent's cmdline, pid, this pid)`, `cpu_group` by default), sampled
+    every `interval` s in a thread; `cores(t0, t1)` is the CPU time each group used between
+    two wall-clock times over their distance. A process that ends keeps the time it had at
+    the last sample; one that starts counts from zero."""
 
-    def __init__(self, interval: float = 0.5, classify=cpu_group):
+    def __init__(self, interval: float = 1.0, classify=cpu_group):
         self.interval, self.classify = interval, classify
         self.groups: list[str] = list(CPU_GROUPS)
         self.times: list[float] = []
