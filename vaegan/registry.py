@@ -115,9 +115,10 @@ def get_version(client: mlflow.MlflowClient, name: str, ref: str):
             raise ModelError(f"model {name!r} has no versions yet")
         return versions[-1]
     if ref.isdigit():
-        found = [v for v in versions if v.version == str(int(ref))]
+        # a version is a str from a tracking server, an int from a local (SQLite) store
+        found = [v for v in versions if str(v.version) == str(int(ref))]
         if not found:
-            listed = ", ".join(v.version for v in versions) or "(none)"
+            listed = ", ".join(str(v.version) for v in versions) or "(none)"
             raise ModelError(f"model {name!r} has no version {ref}; its versions: {listed}")
         return found[0]
     aliases = getattr(registered, "aliases", {}) or {}
@@ -193,7 +194,7 @@ def list_versions(client: mlflow.MlflowClient, name: str | None = None,
             by_version.setdefault(str(v), []).append(alias)
         for v in _versions(client, rm.name):
             rows.append({"name": rm.name, "version": int(v.version),
-                         "aliases": sorted(by_version.get(v.version, [])),
+                         "aliases": sorted(by_version.get(str(v.version), [])),
                          metric: run_metric(client, v, metric), "run_id": v.run_id or "",
                          "attributes": v.tags.get("vaegan.attributes", ""),
                          "created": v.creation_timestamp})
@@ -235,7 +236,7 @@ def promote(client: mlflow.MlflowClient, name: str, source: str, alias: str, met
     old_value = run_metric(client, old, metric) if old is not None else None
     result = Promotion(name, alias, int(new.version), int(old.version) if old else None, metric, value,
                        old_value, forced=False)
-    if old is not None and old.version == new.version:
+    if old is not None and str(old.version) == str(new.version):
         return result  # already there
     if old is not None:
         better = "higher" if higher_is_better else "lower"
