@@ -140,6 +140,8 @@ class EditReport:
       others_kept  share of edited images whose other attributes all read as in Dec(mu(x))
       others_each  the same per (image, other attribute) pair: the share of other-attribute
                    readings an edit leaves alone
+      others_worst the lowest of those shares over the other attributes one by one: each
+                   other attribute is kept in at least this share of the edited images
     """
 
     strength: float
@@ -148,6 +150,7 @@ class EditReport:
     unedited: dict[str, float] = field(default_factory=dict)
     others_kept: dict[str, float] = field(default_factory=dict)
     others_each: dict[str, float] = field(default_factory=dict)
+    others_worst: dict[str, float] = field(default_factory=dict)
 
     @property
     def mean_flipped(self) -> float:
@@ -165,9 +168,18 @@ class EditReport:
     def mean_others_each(self) -> float:
         return float(np.mean(list(self.others_each.values())))
 
+    @property
+    def min_flipped(self) -> float:
+        return min(self.flipped.values())
+
+    @property
+    def min_others_worst(self) -> float:
+        return min(self.others_worst.values())
+
     def as_metrics(self, prefix: str = "edit_") -> dict[str, float]:
         out = {f"{prefix}flipped": self.mean_flipped, f"{prefix}unedited": self.mean_unedited,
-               f"{prefix}others_kept": self.mean_others_kept, f"{prefix}others_each": self.mean_others_each}
+               f"{prefix}others_kept": self.mean_others_kept, f"{prefix}others_each": self.mean_others_each,
+               f"{prefix}min_flipped": self.min_flipped, f"{prefix}others_worst": self.min_others_worst}
         for name in self.flipped:
             out[f"{prefix}flipped_{name}"] = self.flipped[name]
             out[f"{prefix}others_kept_{name}"] = self.others_kept[name]
@@ -175,17 +187,22 @@ class EditReport:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "mean_flipped": self.mean_flipped, "mean_unedited": self.mean_unedited,
-                "mean_others_kept": self.mean_others_kept, "mean_others_each": self.mean_others_each}
+                "mean_others_kept": self.mean_others_kept, "mean_others_each": self.mean_others_each,
+                "min_flipped": self.min_flipped, "min_others_worst": self.min_others_worst}
 
     def format(self) -> str:
         lines = [f"attribute edits (strength {self.strength:g}, {self.n_images} held-out images):",
                  f"  {'attribute':<14} {'flipped':>8} {'unedited':>9} {'others kept':>12} "
-                 f"{'others each':>12}"]
+                 f"{'others each':>12} {'worst other':>12}"]
         for name in self.flipped:
             lines.append(f"  {name:<14} {self.flipped[name]:>8.3f} {self.unedited[name]:>9.3f} "
-                         f"{self.others_kept[name]:>12.3f} {self.others_each[name]:>12.3f}")
+                         f"{self.others_kept[name]:>12.3f} {self.others_each[name]:>12.3f} "
+                         f"{self.others_worst[name]:>12.3f}")
         lines.append(f"  {'mean':<14} {self.mean_flipped:>8.3f} {self.mean_unedited:>9.3f} "
-                     f"{self.mean_others_kept:>12.3f} {self.mean_others_each:>12.3f}")
+                     f"{self.mean_others_kept:>12.3f} {self.mean_others_each:>12.3f} "
+                     f"{'':>12}")
+        lines.append(f"  {'lowest':<14} {self.min_flipped:>8.3f} {'':>9} {'':>12} {'':>12} "
+                     f"{self.min_others_worst:>12.3f}")
         return "\n".join(lines)
 
 
@@ -227,6 +244,7 @@ def measure_edits(model: VAEGANModel, featurizer, images: torch.Tensor, attrs: t
         same = edit_read[:, others] == recon_read[:, others]  # (B, n_others)
         report.others_kept[name] = float(same.all(1).float().mean()) if others else 1.0
         report.others_each[name] = float(same.float().mean()) if others else 1.0
+        report.others_worst[name] = float(same.float().mean(0).min()) if others else 1.0
     return report
 
 
