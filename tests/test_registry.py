@@ -96,6 +96,32 @@ def test_edit_adds_the_scaled_vectors_to_mu(model):
     assert torch.allclose(ends, model.reconstruct(x), atol=1e-5)
 
 
+def test_edit_report_shares_are_consistent():
+    """A reader of three pixel statistics as the attribute classifier: whatever the edits do,
+    "all others kept" <= "the worst other kept" <= "others kept on average", per attribute."""
+    from types import SimpleNamespace
+
+    from vaegan.attributes import measure_edits
+
+    names = ["Bangs", "Eyeglasses", "Smiling"]
+    net, cfg = tiny()
+    torch.manual_seed(1)
+    edited = VAEGANModel(net, cfg, {a: 3 * torch.randn(cfg.model.latent_dim) for a in names}, device="cpu")
+
+    def probs(x):  # "has attribute c" = channel c brighter than its median over these images
+        m = x.float().mean(dim=(2, 3))
+        return (m > m.median(dim=0).values).float()
+
+    reader = SimpleNamespace(meta=SimpleNamespace(kind="multilabel", labels=names), probs=probs)
+    x, labels = images(64), torch.randint(0, 2, (64, 3))
+    r = measure_edits(edited, reader, x, labels, names, strength=1.0)
+    assert set(r.others_worst) == set(names)
+    for a in names:
+        assert r.others_kept[a] <= r.others_worst[a] + 1e-9 <= r.others_each[a] + 2e-9, r
+    assert r.min_others_worst == min(r.others_worst.values()) and r.min_flipped == min(r.flipped.values())
+    assert "worst other" in r.format() and r.as_metrics()["edit_others_worst"] == r.min_others_worst
+
+
 def test_images_in_every_form_give_the_same_batch(tmp_path):
     pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     ref = torch.from_numpy(pixels).permute(2, 0, 1).float()[None] / 127.5 - 1
@@ -273,6 +299,30 @@ def test_register_alias_and_load_by_every_uri(tracking, checkpoint):
         load_model(f"models:/{name}/9")
     with pytest.raises(ModelError, match="no registered model named 'nope-"):
         load_model(f"models:/{unique('nope')}@champion")
+
+
+def test_versions_by_number_from_a_local_store(tmp_path, checkpoint, monkeypatch):
+    """A local SQLite store (the demo's) gives version numbers as ints, a server as strings:
+    both are found by number, listed and aliased."""
+    from vaegan.registry import list_versions
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # the local store's artifacts go under ./mlruns
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        name = unique("local")
+        log_and_register(checkpoint, name, alias="champion")
+        x = images(2)
+        assert torch.equal(load_model(f"models:/{name}/1", tracking_uri=uri).reconstruct(x),
+                           load_model(checkpoint).reconstruct(x))
+        with pytest.raises(ModelError, match=f"model '{name}' has no version 9; its versions: 1"):
+            load_model(f"models:/{name}/9", tracking_uri=uri)
+        rows = list_versions(mlflow.MlflowClient(uri), name)
+        assert [(r["version"], r["aliases"]) for r in rows] == [(1, ["champion"])]
+    finally:
+        mlflow.set_tracking_uri(before)
 
 
 def serving(model_uri: str, tracking_uri: str, log_path):
