@@ -473,12 +473,12 @@ def mnist32() -> Config:
     """1-channel 32x32 digits (mnist5k): what `make demo` trains, sized to give recognisable
     digits in a few minutes on 2 CPU cores. Departures from the paper's defaults, each chosen
     by measurement (docs/results.md): quarter-width nets, a 16-d latent, Adam (betas 0.5,
-    0.999) annealed from 5e-4 to 5e-5, the non-saturating decoder objective, gamma 1e-3, the
+    0.999) annealed from 5e-4 to 5e-5, the non-saturating decoder objective, gamma 5e-5, the
     authors' equilibrium rule, batch 32 per worker."""
     return Config(
         model=ModelConfig(image_size=32, channels=1, latent_dim=16, width=0.25, enc_fc=256,
                           dis_fc=128),
-        loss=LossConfig(gamma=1e-3, generator="nonsaturating", equilibrium=True),
+        loss=LossConfig(gamma=5e-5, generator="nonsaturating", equilibrium=True),
         optim=OptimConfig(name="adam", lr=5e-4, lr_final=5e-5),
         data=DataConfig(source="mnist5k", flip=False, batch_size=32),
         train=TrainConfig(steps=3000, name="mnist32", log_every=100, checkpoint_every=1000,
