@@ -9,10 +9,11 @@ the same global batch, precision and layout, workers x threads threads). Reporte
                         over the time those windows took (the loop's own clock, all ranks)
     bare_images_per_s   the bare step (images over time, timed before and after the training,
                         the mean of the two); `ratio` = end to end / bare
-    per_step_ms         where a step's time goes on rank 0 (the loop's time_* metrics): data
-                        (waiting for a batch), step (forward, backward, gradient all-reduce,
-                        optimizer), report (the metric reduction and Ray's report barrier),
-                        eval, logging, images, checkpoint
+    per_step_ms         where a step's time goes on rank 0 (the loop's time_* metrics), averaged
+                        over every counted step: data (waiting for a batch), step (forward,
+                        backward, gradient all-reduce, optimizer), report (the metric reduction
+                        and Ray's report barrier), eval, logging, images, checkpoint
+    share               the same as shares of the timed window's wall time
     allreduce_ms        one all-reduce of the three networks' gradients between two local
                         gloo processes (what DDP exchanges per step; measured apart, since
                         inside the step it overlaps the backward)
@@ -94,7 +95,8 @@ class CpuSampler:
     (`classify(cmdline, parent's cmdline, pid, this pid)`, `cpu_group` by default), sampled
     every `interval` s in a thread; `cores(t0, t1)` is the CPU time each group used between
     two wall-clock times over their distance. A process that ends keeps the time it had at
-    the last sample; one that starts counts from zero."""
+    the last sample; one that starts counts from zero. Group totals are over every process
+    seen, so compare them over windows in which no process changed its name."""
 
     def __init__(self, interval: float = 1.0, classify=cpu_group):
         self.interval, self.classify = interval, classify
@@ -133,9 +135,10 @@ class CpuSampler:
             parent = procs.get(info["ppid"])
             cmd = " ".join(info["cmdline"] or [info["name"] or ""])
             parent_cmd = " ".join((parent["cmdline"] or [parent["name"] or ""])) if parent else ""
-            key = (pid, info["create_time"])
-            group = self._last[key][0] if key in self._last else self.classify(cmd, parent_cmd, pid, me)
-            self._last[key] = (group, info["cpu_times"].user + info["cpu_times"].system)
+            # classified afresh each time: a Ray worker starts as ray::IDLE and takes its
+            # actor's name (ray::RayTrainWorker) later; its CPU time so far goes with it
+            group = self.classify(cmd, parent_cmd, pid, me)
+            self._last[(pid, info["create_time"])] = (group, info["cpu_times"].user + info["cpu_times"].system)
         totals = dict.fromkeys(self.groups, 0.0)
         for group, seconds in self._last.values():
             if group not in totals:
@@ -236,12 +239,14 @@ def bench_train(preset: str = "mnist32", overrides: list[str] | None = None, *, 
     # at the last report and lasts the counted windows' seconds.
     window_end = max(m.timestamp for m in reports) / 1000
     cores = cpu.cores(window_end - seconds, window_end)
-    per_step = {}
-    for phase in PHASES:  # seconds per step in each report window, weighted by its steps
+    per_step, share = {}, {}
+    counted = sum(spans.values())
+    for phase in PHASES:  # each report's seconds per step, times its steps: the phase's seconds
         h = history(f"time_{phase}")
-        span = sum(spans[s] for s in spans if s in h)
-        if span:
-            per_step[phase] = 1000 * sum(h[s] * spans[s] for s in spans if s in h) / span
+        total = sum(h[s] * spans[s] for s in spans if s in h)
+        if total:  # averaged over every counted step: rare events (eval, checkpoints) too
+            per_step[phase] = 1000 * total / counted
+            share[phase] = total / seconds
     grads = param_count(VAEGAN(cfg.model))
     allreduce = allreduce_seconds(grads) if workers > 1 else 0.0
     return {
@@ -251,6 +256,7 @@ def bench_train(preset: str = "mnist32", overrides: list[str] | None = None, *, 
         "warmup": warmup, "images_per_s": round(end_to_end, 1), "bare_images_per_s": round(bare, 1),
         "ratio": round(end_to_end / bare, 3) if bare else math.nan,
         "per_step_ms": {k: round(v, 2) for k, v in per_step.items()},
+        "share": {k: round(v, 4) for k, v in share.items()},
         "bare_step_ms": round(1000 * global_batch / bare, 2),
         "allreduce_ms": round(1000 * allreduce, 2), "gradients": grads,
         "cores": {g: round(c, 3) for g, c in cores.items()}, "machine_cores": os.cpu_count(),
@@ -265,9 +271,9 @@ def format_report(r: dict) -> str:
              f"  {'end to end':<28} {r['images_per_s']:>9.1f} images/s",
              f"  {'bare step, one process':<28} {r['bare_images_per_s']:>9.1f} images/s",
              f"  {'ratio':<28} {r['ratio']:>9.3f}",
-             f"  per step (rank 0), ms; the bare step takes {r['bare_step_ms']:.1f}:"]
+             f"  per step (rank 0), ms and share of the time; the bare step takes {r['bare_step_ms']:.1f}:"]
     for phase, ms in r["per_step_ms"].items():
-        lines.append(f"    {phase:<26} {ms:>9.2f}")
+        lines.append(f"    {phase:<26} {ms:>9.2f}   {r['share'][phase]:6.1%}")
     if r["workers"] > 1:
         lines.append(f"  {'gradient all-reduce (gloo)':<28} {r['allreduce_ms']:>9.2f} ms "
                      f"({r['gradients']:,} values, measured apart)")
