@@ -63,7 +63,8 @@ def test_cli_bench_step_prints_one_json_row_per_variant_and_layout(capsys):
 def test_cpu_groups_name_ray_train_and_its_loaders():
     from vaegan.bench_train import cpu_group
 
-    assert cpu_group("ray::RayTrainWorker", "/x/ray/core/src/ray/raylet/raylet --a", 5, 1) == "training workers"
+    raylet = "/x/ray/core/src/ray/raylet/raylet --a"
+    assert cpu_group("ray::RayTrainWorker", raylet, 5, 1) == "training workers"
     assert cpu_group("ray::RayTrainWorker", "ray::RayTrainWorker", 6, 1) == "data loaders"  # a fork
     for ray in ("ray::TrainController.run", "/v/lib/python3.11/site-packages/ray/core/src/ray/gcs/gcs_server",
                 "ray-dashboard-NodeHead-0 (python -c ...)", "ray::IDLE"):
@@ -84,8 +85,8 @@ def test_cpu_sampler_accounts_a_busy_process_in_its_group(tmp_path):
     def classify(cmd, parent_cmd, pid, me):
         return "spinner" if "spin-marker" in cmd else cpu_group(cmd, parent_cmd, pid, me)
 
-    spin = ("# spin-marker\n""import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass\n"
-            "print(time.process_time())\ntime.sleep(1.5)")
+    spin = ("# spin-marker\nimport time\nt = time.process_time()\n"
+            "while time.process_time() - t < 0.6: pass\nprint(time.process_time())\ntime.sleep(1.5)")
     with CpuSampler(interval=0.1, classify=classify) as cpu:
         start = time.time()
         child = subprocess.run([sys.executable, "-c", spin], capture_output=True, text=True, check=True)

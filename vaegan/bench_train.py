@@ -134,11 +134,11 @@ class CpuSampler:
         for pid, info in procs.items():
             parent = procs.get(info["ppid"])
             cmd = " ".join(info["cmdline"] or [info["name"] or ""])
-            parent_cmd = " ".join((parent["cmdline"] or [parent["name"] or ""])) if parent else ""
+            parent_cmd = " ".join(parent["cmdline"] or [parent["name"] or ""]) if parent else ""
             # classified afresh each time: a Ray worker starts as ray::IDLE and takes its
             # actor's name (ray::RayTrainWorker) later; its CPU time so far goes with it
-            group = self.classify(cmd, parent_cmd, pid, me)
-            self._last[(pid, info["create_time"])] = (group, info["cpu_times"].user + info["cpu_times"].system)
+            seconds = info["cpu_times"].user + info["cpu_times"].system
+            self._last[(pid, info["create_time"])] = (self.classify(cmd, parent_cmd, pid, me), seconds)
         totals = dict.fromkeys(self.groups, 0.0)
         for group, seconds in self._last.values():
             if group not in totals:
