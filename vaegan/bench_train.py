@@ -234,13 +234,13 @@ def bench_train(preset: str = "mnist32", overrides: list[str] | None = None, *, 
     reported = sorted(m.step for m in reports)
     spans = {s: s - prev for prev, s in zip([0, *reported], reported, strict=False) if s in rates}
     seconds = sum(spans[s] * global_batch / rates[s] for s in rates)
-    end_to_end = sum(spans.values()) * global_batch / seconds
+    counted = sum(spans.values())  # the steps timed
+    end_to_end = counted * global_batch / seconds
     # The timed window on the wall clock (rank 0 logs each report when it is made): it ends
     # at the last report and lasts the counted windows' seconds.
     window_end = max(m.timestamp for m in reports) / 1000
     cores = cpu.cores(window_end - seconds, window_end)
     per_step, share = {}, {}
-    counted = sum(spans.values())
     for phase in PHASES:  # each report's seconds per step, times its steps: the phase's seconds
         h = history(f"time_{phase}")
         total = sum(h[s] * spans[s] for s in spans if s in h)
