@@ -39,6 +39,7 @@ def main() -> None:
     p.add_argument("--shards", default="data/mnist5k")
     p.add_argument("--featurizer", default="data/featurizers/mnist5k-32px-1ch")
     p.add_argument("--out", default="outputs/probe")
+    p.add_argument("--save", action="store_true", help="also write the weights to OUT/model.pt")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     if not (Path(a.featurizer) / "featurizer.json").is_file():
@@ -78,6 +79,8 @@ def main() -> None:
     model.eval()
     with torch.no_grad():
         save_grid(model.decode(z[:64]), out / "samples.png", nrow=8)
+    if a.save:
+        torch.save(model.state_dict(), out / "model.pt")
     print(json.dumps({"overrides": a.overrides, "steps": n, "seconds": round(seconds),
                       "recognised_p90": ev.recognisable, "recognised_p50": ev.recognisable_p50,
                       "real_p90": ev.recognisable_real, "fid_samples": round(ev.fid_samples, 1),

@@ -29,7 +29,8 @@ def train_cfg(tmp_path, mnist_shards, uri, *extra):
 def test_two_workers_track_everything_in_mlflow(tmp_path, mnist_shards, mlflow_server, ray_local,
                                                 featurizer):
     cfg = train_cfg(tmp_path, mnist_shards, mlflow_server, "train.name=tracked", "train.eval_every=6",
-                    "train.eval_images=64", f"train.eval_featurizer={featurizer}", "train.ema=0.9")
+                    "train.eval_images=64", f"train.eval_featurizer={featurizer}", "train.ema=0.9",
+                    "model.latent_mixture=3")
     res = fit(cfg)
     assert res.step == 6
     client = mlflow.MlflowClient(mlflow_server)
@@ -40,7 +41,8 @@ def test_two_workers_track_everything_in_mlflow(tmp_path, mnist_shards, mlflow_s
                  "skip_dis", "skip_dec", "images_per_s", "skipped_samples"):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, name)]
         assert steps == [2, 4, 6], name
-    for name in ("eval_fid_samples", "eval_fid_recon", "eval_ssim_recon", "eval_recognisable"):
+    for name in ("eval_fid_samples", "eval_fid_recon", "eval_ssim_recon", "eval_recognisable",
+                 "eval_recognisable_mixture", "eval_fid_samples_mixture"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == [6], name
     images = {a.path for a in client.list_artifacts(run.info.run_id, "images")}
     assert any("samples" in p for p in images) and any("reconstructions" in p for p in images)
@@ -51,12 +53,21 @@ def test_two_workers_track_everything_in_mlflow(tmp_path, mnist_shards, mlflow_s
     model = mlflow.pyfunc.load_model(res.model_uri)
     samples = model.predict(np.zeros((1, 1, 32, 32), np.float32), params={"op": "sample", "n": 5})
     assert samples.shape == (5, 1, 32, 32) and np.abs(samples).max() <= 1
+    # model.latent_mixture: fitted on rank 0 to the served encoder's codes, registered with it
+    for latent in ("prior", "mixture"):
+        one = {"op": "sample", "n": 3, "seed": 7, "latent": latent}
+        assert np.array_equal(model.predict(np.zeros((1, 1, 32, 32), np.float32), params=one),
+                              model.predict(np.zeros((1, 1, 32, 32), np.float32), params=one))
+    with pytest.raises(mlflow.exceptions.MlflowException, match="latent='normal' is not allowed"):
+        model.predict(np.zeros((1, 1, 32, 32), np.float32), params={"op": "sample", "latent": "normal"})
     # train.ema: the registered model is the final checkpoint's averaged encoder and decoder,
     # not the live weights (which the checkpoint keeps for resuming)
     final = max((tmp_path / "runs" / "tracked").glob("*/model.pt"), key=lambda p: p.stat().st_mtime).parent
     served = torch.load(final / "model.pt", weights_only=True)
     live = torch.load(final / "trainer.pt", weights_only=True)[LIVE]
-    registered = load_model(res.model_uri, device="cpu", tracking_uri=mlflow_server).net.state_dict()
+    registered_model = load_model(res.model_uri, device="cpu", tracking_uri=mlflow_server)
+    assert registered_model.latents_available == ("prior", "mixture")
+    registered = registered_model.net.state_dict()
     for net in ("encoder", "decoder"):
         for k in live[net]:
             assert torch.equal(registered[f"{net}.{k}"], served[f"{net}.{k}"]), k

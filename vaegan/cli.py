@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vaegan.config import COMPARE_METRIC, PRESETS, load_config, redact_text
+from vaegan.config import COMPARE_METRIC, LATENTS, PRESETS, load_config, redact_text
 from vaegan.errors import UserError
 
 # Building the parser imports nothing heavy (no torch, Ray or MLflow), so `vaegan --help` and
@@ -398,7 +398,7 @@ def _models_sample(args: argparse.Namespace) -> None:
 
     from vaegan.images import save_grid
 
-    x = _models_load(args).sample(args.n, seed=args.seed)
+    x = _models_load(args).sample(args.n, seed=args.seed, latent=args.latent)
     print(save_grid(x, args.out, nrow=math.ceil(math.sqrt(args.n))))
 
 
@@ -533,10 +533,13 @@ def _add_models_registry(msub) -> None:
 def _add_models_images(msub) -> None:
     """sample, reconstruct, interpolate, edit: a PNG grid each."""
     common = _models_common
-    p = msub.add_parser("sample", help="a PNG grid of prior samples Dec(z), z ~ N(0, I)")
+    p = msub.add_parser("sample", help="a PNG grid of samples Dec(z_p)")
     common(p)
     p.add_argument("-n", type=int, default=64, help="images (default 64)")
     p.add_argument("--seed", type=int, default=None, help="default: random")
+    p.add_argument("--latent", choices=LATENTS, default="auto",
+                   help="z_p from the prior N(0, I), or from the latent mixture fitted to the encoder's "
+                        "codes (model.latent_mixture); auto (default): the mixture if the model has one")
     p.add_argument("-o", "--out", required=True, help="PNG file")
     p.set_defaults(func=_models_sample)
 

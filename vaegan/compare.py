@@ -34,6 +34,8 @@ COLUMNS = (  # (EvalMetrics field, heading): the table's metrics
     ("sharpness_samples", "sharpness samples"),
     ("sharpness_recon", "sharpness recon"),
     ("recognisable", "recognised p>0.9"),
+    ("fid_samples_mixture", "FID mixture samples"),  # model.latent_mixture: z_p from the codes' density
+    ("recognisable_mixture", "recognised (mixture)"),
 )
 
 

@@ -35,6 +35,12 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{key}={value!r} is not allowed; it must be {allowed}")
 
 
+MAX_MIXTURE = 256
+LATENTS = ("auto", "prior", "mixture")
+"""Where a model's sample() draws z_p: the prior N(0, I), the latent mixture fitted to the
+encoder's codes (model.latent_mixture), or auto (the mixture when there is one)."""
+
+
 @dataclass
 class ModelConfig:
     image_size: int = 64
@@ -53,6 +59,11 @@ class ModelConfig:
     dis_layer: int = -1
     """Which discriminator conv gives Dis_l (1-based; -1 = the last conv, which is the
     paper's 4th conv at 64x64). Taken before that conv's BN and ReLU."""
+    latent_mixture: int = 0
+    """Components of a Gaussian mixture fitted to the encoder's means of the training images
+    at every checkpoint and evaluation (ex-post density estimation, Ghosh et al. 2020), which
+    samples can be drawn from instead of the prior N(0, I): z_p then lands where the decoder
+    was trained on real codes rather than in the gaps between them. 0: the prior only."""
 
     def validate(self) -> None:
         _choice("model", "image_size", self.image_size, (32, 64, 128))
@@ -61,6 +72,8 @@ class ModelConfig:
         _check(0 < self.width <= 8, "model.width", self.width, "a number in (0, 8]")
         _check(self.enc_fc >= 1, "model.enc_fc", self.enc_fc, "an integer >= 1")
         _check(self.dis_fc >= 1, "model.dis_fc", self.dis_fc, "an integer >= 1")
+        _check(0 <= self.latent_mixture <= MAX_MIXTURE, "model.latent_mixture", self.latent_mixture,
+               f"an integer in 0..{MAX_MIXTURE} (0: sample the prior only)")
         n_convs = 1 + int(math.log2(self.image_size // 8))
         ok = self.dis_layer == -1 or 1 <= self.dis_layer <= n_convs
         _check(ok, "model.dis_layer", self.dis_layer, f"-1 (last conv) or 1..{n_convs}")
@@ -474,10 +487,11 @@ def mnist32() -> Config:
     digits in a few minutes on 2 CPU cores. Departures from the paper's defaults, each chosen
     by measurement (docs/results.md): quarter-width nets, a 16-d latent, Adam (betas 0.5,
     0.999) annealed from 5e-4 to 5e-5, the non-saturating decoder objective, gamma 5e-5, the
-    authors' equilibrium rule, batch 32 per worker."""
+    authors' equilibrium rule, batch 32 per worker; and a 10-component mixture over the
+    latent codes to sample from (model.latent_mixture), one per digit."""
     return Config(
         model=ModelConfig(image_size=32, channels=1, latent_dim=16, width=0.25, enc_fc=256,
-                          dis_fc=128),
+                          dis_fc=128, latent_mixture=10),
         loss=LossConfig(gamma=5e-5, generator="nonsaturating", equilibrium=True),
         optim=OptimConfig(name="adam", lr=5e-4, lr_final=5e-5),
         data=DataConfig(source="mnist5k", flip=False, batch_size=32),

@@ -190,6 +190,8 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
 # All metrics of one model.
 
 
+MIXTURE_FIELDS = ("fid_samples_mixture", "kid_samples_mixture", "recognisable_mixture",
+                  "recognisable_p50_mixture")
 RECON_FIELDS = ("fid_recon", "kid_recon", "sharpness_recon", "mse_recon", "ssim_recon", "dis_l_recon")
 
 
@@ -225,6 +227,13 @@ class EvalMetrics(NamedTuple):
     against (a classifier is not sure of every real digit either)."""
     n_images: int
     """N: real images, samples and reconstructions each."""
+    fid_samples_mixture: float | None = None
+    """FID of N samples with z_p from the model's fitted latent mixture (model.latent_mixture),
+    not the prior; None for a model without one. The same z_p seed as the prior's."""
+    kid_samples_mixture: float | None = None
+    recognisable_mixture: float | None = None
+    """`recognisable` of those samples."""
+    recognisable_p50_mixture: float | None = None
 
     def as_metrics(self, prefix: str = "eval_") -> dict[str, float]:
         """{'eval_fid_samples': ..., ...} for a tracker; metrics that do not apply are left out."""
@@ -258,11 +267,11 @@ def evaluate_model(model: VAEGAN, real_images: torch.Tensor, featurizer: Featuri
     was_training = model.training
     model.eval()
     try:
-        feats_real, feats_recon, feats_samples = [], [], []
+        feats_real, feats_recon = [], []
         softmax = getattr(featurizer, "kind", "") == "softmax"
-        confident = confident_p50 = confident_real = 0
+        confident_real = 0
         sq_err = ssim_sum = dis_l_sum = 0.0
-        edges = {"real": 0.0, "recon": 0.0, "samples": 0.0}
+        edges = {"real": 0.0, "recon": 0.0}
         for i in range(0, n, batch_size):
             x = real_images[i:min(i + batch_size, n)].to(device, torch.float32)
             x_recon = model.reconstruct(x).float()
@@ -279,19 +288,15 @@ def evaluate_model(model: VAEGAN, real_images: torch.Tensor, featurizer: Featuri
             dis = model.discriminator
             dis_l_sum += float(llike_dis_l(dis.features(x), dis.features(x_recon))) * len(x)
 
-        generator = torch.Generator(device=device).manual_seed(seed)
-        for i in range(0, n, batch_size):
-            samples = model.sample(min(batch_size, n - i), generator).float()
-            feats_samples.append(featurizer.features(samples).cpu())
-            edges["samples"] += float(gradient_magnitude(to_unit(samples)).sum())
-            if softmax:
-                p_top = _top_class_p(featurizer, samples)
-                confident += int((p_top > SOFTMAX_CONFIDENT).sum())
-                confident_p50 += int((p_top > 0.5).sum())
+        samples, edges["samples"], confident, confident_p50 = _score_samples(
+            model, "prior", featurizer, n, seed, batch_size, softmax)
+        mixture = None
+        if model.has_mixture:
+            mixture = _score_samples(model, "mixture", featurizer, n, seed, batch_size, softmax)
     finally:
         model.train(was_training)
 
-    real, recon, samples = (torch.cat(f) for f in (feats_real, feats_recon, feats_samples))
+    real, recon = torch.cat(feats_real), torch.cat(feats_recon)
     metrics = EvalMetrics(
         fid_samples=fid_from_features(real, samples),
         fid_recon=fid_from_features(real, recon),
@@ -307,7 +312,30 @@ def evaluate_model(model: VAEGAN, real_images: torch.Tensor, featurizer: Featuri
         recognisable_real=confident_real / n if softmax else None,
         n_images=n,
     )
+    if mixture is not None:
+        feats, _, conf, conf_p50 = mixture
+        metrics = metrics._replace(
+            fid_samples_mixture=fid_from_features(real, feats), kid_samples_mixture=kid_from_features(
+                real, feats, seed)[0], recognisable_mixture=conf / n if softmax else None,
+            recognisable_p50_mixture=conf_p50 / n if softmax else None)
     return metrics if reconstructs else metrics._replace(**dict.fromkeys(RECON_FIELDS))
+
+
+def _score_samples(model: VAEGAN, latent: str, featurizer: Featurizer, n: int, seed: int, batch_size: int,
+                   softmax: bool) -> tuple[torch.Tensor, float, int, int]:
+    """n samples drawn from `latent` (prior | mixture) with the seeded generator -> (their
+    features, their summed gradient magnitude, how many pass p > 0.9 and p > 0.5)."""
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    feats, edges, confident, confident_p50 = [], 0.0, 0, 0
+    for i in range(0, n, batch_size):
+        samples = model.sample(min(batch_size, n - i), generator, latent=latent).float()
+        feats.append(featurizer.features(samples).cpu())
+        edges += float(gradient_magnitude(to_unit(samples)).sum())
+        if softmax:
+            p_top = _top_class_p(featurizer, samples)
+            confident += int((p_top > SOFTMAX_CONFIDENT).sum())
+            confident_p50 += int((p_top > 0.5).sum())
+    return torch.cat(feats), edges, confident, confident_p50
 
 
 # ---------------------------------------------------------------------------------------
@@ -369,7 +397,8 @@ def run_eval(checkpoint: str | Path, shards: str, featurizer: str, *, n: int = F
         "featurizer": feat.name,
         "featurizer_path": featurizer,
         "seed": seed,
-        "metrics": metrics._asdict(),
+        # the mixture's metrics only for a model that has one
+        "metrics": {k: v for k, v in metrics._asdict().items() if v is not None or k not in MIXTURE_FIELDS},
     }
 
 
@@ -384,7 +413,7 @@ def format_report(report: dict[str, Any]) -> str:
             text = f"{value:d}"
         else:
             text = f"{value:.4f}" if math.isfinite(value) else str(value)
-        lines.append(f"  {name:<17} {text:>12}")
+        lines.append(f"  {name:<24} {text:>12}")
     return "\n".join(lines)
 
 

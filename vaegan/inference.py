@@ -3,7 +3,7 @@
     m = load_folder("runs/NAME/checkpoint_000003/step-0003000")   # or vaegan.load_model(URI)
     mu, log_var = m.encode(images)                       # images: see vaegan.images.as_image_batch
     x = m.decode(mu)                                     # (B, C, H, W) in [-1, 1]
-    x = m.sample(16, seed=0)
+    x = m.sample(16, seed=0)                             # latent="prior" for z_p ~ N(0, I)
     x = m.reconstruct(images)                            # Dec(mu(x))
     x = m.interpolate(image_a, image_b, steps=8)         # Dec of the line mu(a) -> mu(b)
     m.attribute_vectors["Eyeglasses"]                    # (latent_dim,), see vaegan.attributes
@@ -31,7 +31,7 @@ from vaegan.artifact import (
     read_attributes,
     save_model_folder,
 )
-from vaegan.config import Config
+from vaegan.config import LATENTS, Config
 from vaegan.images import ImagesLike, as_image_batch
 from vaegan.model import VAEGAN
 
@@ -124,14 +124,29 @@ class VAEGANModel:
         """z (B, latent_dim) -> images (B, C, H, W) in [-1, 1]."""
         return self.net.decode(self.latents(z))
 
+    @property
+    def latents_available(self) -> tuple[str, ...]:
+        """Where sample() can draw z_p from: "prior", and "mixture" for a model trained with
+        model.latent_mixture (vaegan.latent)."""
+        return ("prior", "mixture") if self.net.has_mixture else ("prior",)
+
     @torch.no_grad()
-    def sample(self, n: int, seed: int | None = None) -> torch.Tensor:
-        """n images Dec(z_p), z_p ~ N(0, I). A seed gives the same images on any device (z_p is
-        drawn on the CPU)."""
+    def sample(self, n: int, seed: int | None = None, latent: str = "auto") -> torch.Tensor:
+        """n images Dec(z_p), z_p ~ N(0, I) (latent="prior", the paper) or from the latent
+        mixture fitted to the encoder's codes (latent="mixture"); "auto": the mixture when the
+        model has one. A seed gives the same images on any device (z_p is drawn on the CPU)."""
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ModelError(f"n={n!r} is not allowed; it must be an integer >= 1")
+        if latent not in LATENTS:
+            raise ModelError(f"latent={latent!r} is not allowed; choose one of: {', '.join(LATENTS)}")
+        if latent == "mixture" and not self.net.has_mixture:
+            raise ModelError("latent='mixture' is not available: this model was trained without "
+                             "model.latent_mixture; use latent='prior'")
         gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
-        z = torch.randn(int(n), self.latent_dim, generator=gen)
+        if latent == "prior" or not self.net.has_mixture:
+            z = torch.randn(int(n), self.latent_dim, generator=gen)
+        else:
+            z = self.net.latent_mixture.sample(int(n), gen)
         return self.net.decode(z.to(self.device))
 
     @torch.no_grad()

@@ -8,6 +8,9 @@ At 64x64 (the paper) every network has three stride-2 stages and an 8x8 bottlene
 32x32 one stage is removed and at 128x128 one is added, so the bottleneck stays 8x8 and
 Dis_l keeps its paper meaning (the last conv: the 4th at 64x64). Single device; no Ray,
 MLflow or torch.distributed here.
+
+Not in the paper: `LatentMixture`, a Gaussian mixture over the encoder's codes fitted after
+training (model.latent_mixture; Ghosh et al. 2020), as a second source of z_p for sampling.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vaegan.config import ModelConfig
+from vaegan.config import LATENTS, ModelConfig
 
 # Channels of the stride-2 stages per image size; the 64 rows are Table 1 exactly.
 ENC_CHANNELS = {32: [128, 256], 64: [64, 128, 256], 128: [32, 64, 128, 256]}
@@ -151,6 +154,34 @@ def reparameterize(mu: torch.Tensor, log_var: torch.Tensor, eps: torch.Tensor) -
     return mu + torch.exp(0.5 * log_var) * eps
 
 
+class LatentMixture(nn.Module):
+    """p(z) = sum_k pi_k N(mean_k, L_k L_k^T): a density over the codes the encoder gives
+    real images, fitted after training (vaegan.latent). The prior N(0, I) also covers the
+    gaps between the clusters of those codes (one per digit, say), and the decoder turns a
+    gap into a blend of its neighbours; drawing z_p from this mixture instead stays on the
+    codes the decoder learned to reconstruct. Buffers only: it travels in model.pt, and no
+    optimizer, DDP or EMA touches it."""
+
+    def __init__(self, components: int, latent_dim: int):
+        super().__init__()
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("weights", torch.full((components,), 1.0 / components))
+        self.register_buffer("means", torch.zeros(components, latent_dim))
+        self.register_buffer("scale_tril", torch.eye(latent_dim).repeat(components, 1, 1))
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(n, latent_dim) codes: a component by its weight, then mean_k + L_k eps."""
+        if not bool(self.fitted):
+            raise ValueError("the latent mixture has not been fitted (vaegan.latent.fit_mixture)")
+        # drawn where the generator lives (a seed gives the same codes on any device)
+        dev = generator.device if generator is not None else self.means.device
+        k = torch.multinomial(self.weights.to(dev, torch.float32), n, replacement=True, generator=generator)
+        eps = torch.randn(n, self.means.shape[1], 1, generator=generator, device=dev)
+        z = self.means.to(dev)[k] + (self.scale_tril.to(dev)[k] @ eps).squeeze(-1)
+        return z.to(self.means.device)
+
+
 class VAEGAN(nn.Module):
     """The three networks, plus the inference-side methods users call."""
 
@@ -167,6 +198,8 @@ class VAEGAN(nn.Module):
         self.encoder = encoder if encoder is not None else built[0]
         self.decoder = decoder if decoder is not None else built[1]
         self.discriminator = discriminator if discriminator is not None else built[2]
+        self.latent_mixture = (LatentMixture(cfg.latent_mixture, cfg.latent_dim) if cfg.latent_mixture
+                               else None)
 
     @property
     def device(self) -> torch.device:
@@ -188,9 +221,31 @@ class VAEGAN(nn.Module):
             raise ValueError(f"z must have shape (B, {self.cfg.latent_dim}); got {tuple(z.shape)}")
         return self.decoder(z)
 
+    def load_weights(self, state_dict: dict) -> None:
+        """load_state_dict, strict except for the latent mixture: a checkpoint from before
+        model.latent_mixture was turned on (or off) resumes, and the mixture is refitted at
+        the next checkpoint."""
+        missing, unexpected = self.load_state_dict(state_dict, strict=False)
+        wrong = [k for k in (*missing, *unexpected) if not k.startswith("latent_mixture.")]
+        if wrong:  # the same message as a strict load's
+            self.load_state_dict(state_dict)
+
+    @property
+    def has_mixture(self) -> bool:
+        """Whether sample(latent="mixture") can draw: a LatentMixture that has been fitted."""
+        return self.latent_mixture is not None and bool(self.latent_mixture.fitted)
+
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """n images from the prior: Dec(z_p), z_p ~ N(0, I)."""
+    def sample(self, n: int, generator: torch.Generator | None = None, latent: str = "prior") -> torch.Tensor:
+        """n images Dec(z_p): z_p ~ N(0, I) (the paper), or from the fitted LatentMixture
+        (latent="mixture"; "auto" takes it when there is one)."""
+        if latent not in LATENTS:
+            raise ValueError(f"latent={latent!r} is not allowed; choose one of: {', '.join(LATENTS)}")
+        if latent == "mixture" or (latent == "auto" and self.has_mixture):
+            if not self.has_mixture:
+                raise ValueError("latent='mixture' needs a model trained with model.latent_mixture > 0; "
+                                 "this one has no fitted mixture (use latent='prior')")
+            return self.decode(self.latent_mixture.sample(n, generator))
         z = torch.randn(n, self.cfg.latent_dim, generator=generator, device=self.device)
         return self.decode(z)
 

@@ -13,7 +13,8 @@ predict / REST. The input is one float32 tensor of rank 4, the op and its option
     reconstruct  images (B, C, H, W) or (B, H, W, C), [-1, 1]  images (B, C, H, W) in [-1, 1]
     encode       images                                      {"mu": (B, L), "log_var": (B, L)}
     decode       z as (B, L, 1, 1) (DCGAN's noise shape)      images
-    sample       ignored (send [[[[0]]]]); params n, seed    images (n, C, H, W)
+    sample       ignored (send [[[[0]]]]); params n, seed,   images (n, C, H, W)
+                 latent (auto | prior | mixture, as VAEGANModel.sample)
     edit         images; param attributes "Eyeglasses=1,Smiling=-1"   images
     interpolate  two images; param steps                     images (steps, C, H, W)
 
@@ -39,6 +40,7 @@ import torch
 
 from vaegan.artifact import ModelError
 from vaegan.attributes import parse_attributes
+from vaegan.config import LATENTS
 from vaegan.inference import VAEGANModel, load_files
 
 OPS = ("reconstruct", "sample", "encode", "decode", "edit", "interpolate")
@@ -104,7 +106,10 @@ def predict_op(model: VAEGANModel, model_input: Any, params: dict | None,
         n = _int_param(params, "n", 16, 1, MAX_SAMPLES)
         seed = _int_param(params, "seed", -1, -1, 2**63 - 1)
         _check_output(model, op, n, max_output_values)
-        return _out(model.sample(n, seed=None if seed < 0 else seed))
+        latent = params.get("latent") or "auto"
+        if latent not in LATENTS:
+            raise ModelError(f"latent={latent!r} is not allowed; choose one of: {', '.join(LATENTS)}")
+        return _out(model.sample(n, seed=None if seed < 0 else seed, latent=latent))
     try:
         x = np.asarray(model_input, dtype=np.float32)
     except (TypeError, ValueError) as e:
@@ -179,7 +184,7 @@ def signature():
         params=ParamSchema([
             ParamSpec("op", "string", "reconstruct"), ParamSpec("n", "long", 16),
             ParamSpec("seed", "long", -1), ParamSpec("attributes", "string", ""),
-            ParamSpec("steps", "long", 8)]),
+            ParamSpec("steps", "long", 8), ParamSpec("latent", "string", "auto")]),
     )
 
 

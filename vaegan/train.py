@@ -149,6 +149,7 @@ class Worker:
     kills: list = field(default_factory=list)  # fault drills for this rank: (step, marker)
     nans: list = field(default_factory=list)
     ema: EMA | None = None  # rank 0 with train.ema: the averaged encoder and decoder
+    fit_images: torch.Tensor | None = None  # rank 0 with model.latent_mixture: what it is fitted to
 
     @property
     def served(self) -> VAEGAN:
@@ -229,6 +230,11 @@ def set_up(config: dict) -> Worker:
         fixed_z = torch.randn(64, cfg.model.latent_dim, generator=torch.Generator().manual_seed(1234))
         w.fixed_z = fixed_z.to(device)
         w.real = held_out[:16].to(device)
+        if cfg.model.latent_mixture:
+            from vaegan.latent import FIT_IMAGES
+
+            w.fit_images = read_split(cfg.data.shards, FIT_IMAGES, "train", s3_endpoint=cfg.data.s3_endpoint,
+                                      io_retry_seconds=cfg.data.io_retry_seconds)
         if cfg.train.eval_every:
             w.evaluator = _Evaluator(held_out, config["featurizer"], cfg.train.eval_images, device,
                                      reconstructs=cfg.loss.mode != "gan")
@@ -282,7 +288,7 @@ def load_checkpoint_into(model: VAEGAN, device: torch.device, path: str,
 
     fs = ray.train.get_context().get_storage().storage_filesystem
     with ray.train.Checkpoint(path, filesystem=fs).as_directory() as d:
-        model.load_state_dict(torch.load(Path(d) / WEIGHTS, map_location=device, weights_only=True))
+        model.load_weights(torch.load(Path(d) / WEIGHTS, map_location=device, weights_only=True))
         state, trainer_state = read_state(d), load_trainer_state(d)
     # With train.ema the model file holds the averaged encoder and decoder (what is served)
     # and the trainer state the live ones.
@@ -509,6 +515,12 @@ def report(w: Worker, progress: Progress, loader, register: bool) -> None:
     eval_due = T.eval_every and (step % T.eval_every == 0 or last)
     fresh = step > w.logged_through  # a restart or a rollback redoes steps that MLflow holds
     metrics = None
+    if w.fit_images is not None and (eval_due or step % T.checkpoint_every == 0 or last):
+        from vaegan.latent import fit_mixture
+
+        # what is evaluated and saved samples from a mixture fitted to its own encoder
+        fit_mixture(w.served, w.fit_images, seed=T.seed)
+        progress.lap("eval" if eval_due else "checkpoint")
     if step % T.log_every == 0 or last or eval_due:
         steps = len(progress.window)
         metrics = _window_metrics(progress.window, time.time() - progress.t_window, w.cfg.data.batch_size,
