@@ -42,3 +42,35 @@ def test_labels_name_the_values_and_the_keys_when_several_are_searched():
     assert label({"loss.mode": "gan", "train.seed": 3}) == "gan"
     assert label({"loss.mode": "gan", "loss.gamma": 0.1, "train.seed": 0}) == "mode=gan, gamma=0.1"
     assert label({"train.seed": 0}) == "(base config)"
+
+
+def test_the_figure_adds_the_latent_mixture_samples_of_the_models_that_have_one():
+    import numpy as np
+    import torch
+
+    from vaegan.compare import FIGURE_INPUTS, FIGURE_SEED, ConfigRow, figure
+    from vaegan.config import load_config
+    from vaegan.latent import fit_mixture
+    from vaegan.model import VAEGAN
+
+    real = torch.rand(40, 1, 32, 32) * 2 - 1
+    mixed = VAEGAN(load_config("debug", overrides=["model.latent_mixture=2"]).model)
+    fit_mixture(mixed, real)
+    rows = [ConfigRow("vaegan", [Scored("a", {}, 1, metrics(1.0), model=mixed, mode="vaegan")]),
+            ConfigRow("gan", [Scored("b", {}, 1, metrics(1.0), model=VAEGAN(load_config("debug").model),
+                                     mode="gan")])]
+    axes = figure(rows, real).axes
+    assert [a.get_title(loc="left") for a in axes] == ["input", "vaegan", "gan"]
+    grid = axes[1].get_images()[0].get_array()
+    assert grid.shape == (34 + 2, 3 * FIGURE_INPUTS * 34 + 2)  # 32-px cells, 2-px padding; 3 blocks
+    # the third block: the mixture's samples for the seed; white where a model has no mixture
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(FIGURE_SEED)
+        mixture = mixed.eval().sample(FIGURE_INPUTS, gen, latent="mixture")
+    first = ((mixture[0, 0] + 1) / 2).clamp(0, 1).mul(255).round().byte().numpy()
+    cell = 2 * FIGURE_INPUTS * 34 + 2
+    assert np.array_equal(np.asarray(grid[2:34, cell:cell + 32]), first)
+    assert (np.asarray(axes[2].get_images()[0].get_array())[2:34, cell:] == 255).all()
+    # without any mixture: the two blocks as before
+    two = figure(rows[1:], real).axes[1].get_images()[0].get_array()
+    assert two.shape == (36, 2 * FIGURE_INPUTS * 34 + 2)

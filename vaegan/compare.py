@@ -145,7 +145,8 @@ def as_json(configs: list[ConfigRow]) -> list[dict]:
 def figure(configs: list[ConfigRow], real: torch.Tensor):
     """The paper's kind of figure: the 8 held-out inputs on top, then one row per
     configuration (its first seed's model): reconstructions of those inputs | samples of the
-    same 8 z_p. A model without an encoder (loss.mode=gan) leaves its reconstructions blank."""
+    same 8 z_p (| 8 samples from its latent mixture, when a model has one). A model without an
+    encoder (loss.mode=gan) leaves its reconstructions blank."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,21 +156,30 @@ def figure(configs: list[ConfigRow], real: torch.Tensor):
 
     x = real[:FIGURE_INPUTS]
     blank = torch.ones_like(x)  # white in [-1, 1]
-    rows = [("input", torch.cat([x, blank]))]
+    # model.latent_mixture: a third block, samples with z_p from the model's latent mixture
+    blocks = 3 if any(r.trials[0].model.has_mixture for r in configs) else 2
+    rows = [("input", torch.cat([x, *[blank] * (blocks - 1)]))]
     for r in configs:
         first = r.trials[0]
         model = first.model.eval()
         z = torch.randn(FIGURE_INPUTS, model.cfg.latent_dim,
                         generator=torch.Generator().manual_seed(FIGURE_SEED))
         recon = blank if first.mode == "gan" else model.reconstruct(x.to(model.device)).float().cpu()
-        rows.append((r.label, torch.cat([recon, model.decode(z.to(model.device)).float().cpu()])))
-    fig, axes = plt.subplots(len(rows), 1, figsize=(8, 0.85 * len(rows) + 0.4), dpi=120, squeeze=False)
+        parts = [recon, model.decode(z.to(model.device)).float().cpu()]
+        if blocks == 3:
+            gen = torch.Generator(device=model.device).manual_seed(FIGURE_SEED)
+            parts.append(model.sample(FIGURE_INPUTS, gen, latent="mixture").float().cpu()
+                         if model.has_mixture else blank)
+        rows.append((r.label, torch.cat(parts)))
+    width = 8 if blocks == 2 else 12
+    fig, axes = plt.subplots(len(rows), 1, figsize=(width, 0.85 * len(rows) + 0.4), dpi=120, squeeze=False)
     for ax, (name, images) in zip(axes[:, 0], rows, strict=True):
-        ax.imshow(grid_image(images, nrow=2 * FIGURE_INPUTS), cmap="gray", vmin=0, vmax=255)
+        ax.imshow(grid_image(images, nrow=blocks * FIGURE_INPUTS), cmap="gray", vmin=0, vmax=255)
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_title(name, loc="left", fontsize=8, pad=2)  # above the row: labels may be long
-    fig.suptitle("reconstructions of the same inputs  |  samples of the same z_p", fontsize=9)
+    fig.suptitle("reconstructions of the same inputs  |  samples of the same z_p ~ N(0, I)"
+                 + ("  |  samples from the model's latent mixture" if blocks == 3 else ""), fontsize=9)
     fig.tight_layout()
     plt.close(fig)
     return fig

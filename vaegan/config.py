@@ -63,7 +63,8 @@ class ModelConfig:
     """Components of a Gaussian mixture fitted to the encoder's means of the training images
     at every checkpoint and evaluation (ex-post density estimation, Ghosh et al. 2020), which
     samples can be drawn from instead of the prior N(0, I): z_p then lands where the decoder
-    was trained on real codes rather than in the gaps between them. 0: the prior only."""
+    was trained on real codes rather than in the gaps between them. 0: the prior only (and
+    loss.mode=gan, which trains no encoder, ignores it)."""
 
     def validate(self) -> None:
         _choice("model", "image_size", self.image_size, (32, 64, 128))

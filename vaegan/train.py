@@ -230,7 +230,7 @@ def set_up(config: dict) -> Worker:
         fixed_z = torch.randn(64, cfg.model.latent_dim, generator=torch.Generator().manual_seed(1234))
         w.fixed_z = fixed_z.to(device)
         w.real = held_out[:16].to(device)
-        if cfg.model.latent_mixture:
+        if cfg.model.latent_mixture and cfg.loss.mode != "gan":  # a GAN's encoder is never trained
             from vaegan.latent import FIT_IMAGES
 
             w.fit_images = read_split(cfg.data.shards, FIT_IMAGES, "train", s3_endpoint=cfg.data.s3_endpoint,
