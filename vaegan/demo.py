@@ -9,7 +9,6 @@ classifier recognises, for both).
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 
@@ -33,8 +32,6 @@ def run_demo(out: str | Path = "outputs/demo-samples.png") -> None:
     cfg.train.name = time.strftime("demo-%Y%m%d-%H%M%S")  # a fresh run each time
     cfg.train.eval_every = cfg.train.steps  # evaluate once, at the end, for the summary
     res = main_train(cfg)
-    # MLflow's per-file download bar would be the only noise after a clean run
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     model = load_model(res.model_uri, tracking_uri=res.tracking_uri)  # from the registry, as a user would
     out = save_grid(model.sample(64, seed=0), Path(out).resolve(), nrow=8)  # from the mixture
     out_prior = save_grid(model.sample(64, seed=0, latent="prior"), out.with_name(out.stem + "-prior.png"),

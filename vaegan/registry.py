@@ -156,6 +156,8 @@ def download_model(uri: str, dst: str | Path, tracking_uri: str | None = None) -
         target = client.get_model_version_download_uri(version.name, version.version)
     elif uri.startswith("runs:/"):
         info["run_id"] = uri[len("runs:/"):].split("/", 1)[0]
+    # a model is a few small files: MLflow's per-file progress bars would be console noise
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         local = mlflow.artifacts.download_artifacts(artifact_uri=target, dst_path=str(dst),
                                                     tracking_uri=client.tracking_uri)

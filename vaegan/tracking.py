@@ -183,6 +183,8 @@ def log_model_files(files: dict[str, str | Path], name: str, step: int | None = 
 
     model = load_files(files)  # refuse files that do not load, before logging anything
     kwargs = {"step": step} if step is not None else {}
+    # validating the input example downloads the model: no progress bar per file in the console
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     return mlflow.pyfunc.log_model(
         name=name, python_model=str(MODEL_CODE), artifacts={k: str(v) for k, v in files.items()},
         signature=signature(), input_example=input_example(model), pip_requirements=pip_requirements(),
