@@ -8,6 +8,8 @@ so that numbers from different runs compare:
                the N used is reported as `n_images`, and FIDs compare only at equal N.
     samples    N prior samples Dec(z_p), z_p ~ N(0, I), drawn from a generator seeded with
                SAMPLE_SEED = 0 (the same z_p for every checkpoint), model in eval mode.
+               A model with a fitted latent mixture (model.latent_mixture) is also scored
+               on N samples with z_p from the mixture, same seed: the `*_mixture` metrics.
     recon      Dec(mu(x)) for the same N real images (the posterior mean, no sampling).
     features   Inception-v3 pool3 (2048-d; images repeated to RGB and resized to 299x299,
                bilinear) when its weights are on disk; otherwise the penultimate layer
