@@ -31,7 +31,7 @@ from vaegan.artifact import (
     read_attributes,
     save_model_folder,
 )
-from vaegan.config import LATENTS, Config
+from vaegan.config import Config
 from vaegan.images import ImagesLike, as_image_batch
 from vaegan.model import VAEGAN
 
@@ -137,17 +137,11 @@ class VAEGANModel:
         model has one. A seed gives the same images on any device (z_p is drawn on the CPU)."""
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ModelError(f"n={n!r} is not allowed; it must be an integer >= 1")
-        if latent not in LATENTS:
-            raise ModelError(f"latent={latent!r} is not allowed; choose one of: {', '.join(LATENTS)}")
-        if latent == "mixture" and not self.net.has_mixture:
-            raise ModelError("latent='mixture' is not available: this model was trained without "
-                             "model.latent_mixture; use latent='prior'")
         gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
-        if latent == "prior" or not self.net.has_mixture:
-            z = torch.randn(int(n), self.latent_dim, generator=gen)
-        else:
-            z = self.net.latent_mixture.sample(int(n), gen)
-        return self.net.decode(z.to(self.device))
+        try:
+            return self.net.sample(int(n), gen, latent=latent)
+        except ValueError as e:  # a latent it does not have
+            raise ModelError(str(e)) from None
 
     @torch.no_grad()
     def reconstruct(self, images: ImagesLike) -> torch.Tensor:

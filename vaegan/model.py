@@ -244,10 +244,13 @@ class VAEGAN(nn.Module):
         if latent == "mixture" or (latent == "auto" and self.has_mixture):
             if not self.has_mixture:
                 raise ValueError("latent='mixture' needs a model trained with model.latent_mixture > 0; "
-                                 "this one has no fitted mixture (use latent='prior')")
+                                 "this one has no fitted mixture (trained without model.latent_mixture; "
+                                 "use latent='prior')")
             return self.decode(self.latent_mixture.sample(n, generator))
-        z = torch.randn(n, self.cfg.latent_dim, generator=generator, device=self.device)
-        return self.decode(z)
+        # drawn where the generator lives, as the mixture's codes are
+        dev = generator.device if generator is not None else self.device
+        z = torch.randn(n, self.cfg.latent_dim, generator=generator, device=dev)
+        return self.decode(z.to(self.device))
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:

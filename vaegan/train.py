@@ -513,9 +513,10 @@ def report(w: Worker, progress: Progress, loader, register: bool) -> None:
     T, step = w.cfg.train, w.state.step
     last = step >= T.steps
     eval_due = T.eval_every and (step % T.eval_every == 0 or last)
+    checkpoint_due = step % T.checkpoint_every == 0 or last
     fresh = step > w.logged_through  # a restart or a rollback redoes steps that MLflow holds
     metrics = None
-    if w.fit_images is not None and (eval_due or step % T.checkpoint_every == 0 or last):
+    if w.fit_images is not None and (eval_due or checkpoint_due):
         from vaegan.latent import fit_mixture
 
         # what is evaluated and saved samples from a mixture fitted to its own encoder
@@ -543,7 +544,7 @@ def report(w: Worker, progress: Progress, loader, register: bool) -> None:
         w.logger.log_image(samples, "samples", step)
         w.logger.log_image(recons, "reconstructions", step)
         progress.lap("images")
-    if step % T.checkpoint_every == 0 or last:
+    if checkpoint_due:
         _report_checkpoint(w, metrics, last, register)
         progress.lap("checkpoint")  # writing it, and the report barrier
     elif metrics is not None:  # a barrier on every rank; reaches Tune too (with its step)
