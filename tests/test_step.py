@@ -64,7 +64,8 @@ def own_objectives(model, cfg, x, eps, z_p, augment_seed=None, adv=1.0):
     def g(obj, module):
         return list(torch.autograd.grad(obj, list(module.parameters()), retain_graph=True,
                                         allow_unused=True))
-    return {"encoder": g(kl + ll, enc), "decoder": g(dec_obj, dec), "discriminator": g(gan, dis)}
+    return {"encoder": g(L.kl_weight * kl + ll, enc), "decoder": g(dec_obj, dec),
+            "discriminator": g(gan, dis)}
 
 
 def assert_grads_close(actual, expected, name):
@@ -93,9 +94,10 @@ def test_each_network_gets_exactly_its_own_gradient(debug_cfg, recipe, generator
 @pytest.mark.parametrize("generator", ["minimax", "nonsaturating"])
 def test_augmented_dis_inputs_and_the_warmup_route_like_their_objectives(debug_cfg, generator):
     """loss.augment: every network's objective is taken on Dis's augmented inputs (x~ with
-    x's draws); loss.adversarial_warmup=4 at step 1: Dec's adversarial weight is 1/4."""
+    x's draws); loss.adversarial_warmup=4 at step 1: Dec's adversarial weight is 1/4;
+    loss.kl_weight=0.5: Enc descends 0.5 L_prior + L_llike."""
     model, step = make(debug_cfg, generator=generator, gamma=0.3, augment="color,translation,cutout",
-                       adversarial_warmup=4)
+                       adversarial_warmup=4, kl_weight=0.5)
     step.step_count = 1
     x, (eps, z_p) = batch(debug_cfg), noise(debug_cfg)
     reference_model = copy.deepcopy(model)
@@ -173,13 +175,14 @@ def test_all_updates_use_the_same_parameter_values(debug_cfg):
         torch.testing.assert_close(a, b)
 
 
-def test_vae_mode_is_the_pixel_baseline(debug_cfg):
-    model, step = make(debug_cfg, mode="vae")
+@pytest.mark.parametrize("kl_weight", [1.0, 0.25])
+def test_vae_mode_is_the_pixel_baseline(debug_cfg, kl_weight):
+    model, step = make(debug_cfg, mode="vae", kl_weight=kl_weight)
     x, (eps, z_p) = batch(debug_cfg), noise(debug_cfg)
     ref = copy.deepcopy(model)
     step.compute_gradients(x, (eps, z_p))
     mu, lv = ref.encoder(x)
-    obj = kl_prior(mu, lv) + llike_pixel(x, ref.decoder(reparameterize(mu, lv, eps)))
+    obj = kl_weight * kl_prior(mu, lv) + llike_pixel(x, ref.decoder(reparameterize(mu, lv, eps)))
     for name in ("encoder", "decoder"):
         net = getattr(ref, name)
         assert_grads_close(grads(getattr(model, name)),

@@ -97,6 +97,10 @@ class LossConfig:
     gamma: float = 1e-2
     """Weight of the Dis_l reconstruction term in the decoder's objective (content vs style);
     recipe=paper only. What Ray Tune sweeps."""
+    kl_weight: float = 1.0
+    """beta: the encoder descends beta * L_prior + L_llike (every mode with an encoder). 1 is
+    the paper's VAE; beta < 1 (beta-VAE's knob, Higgins et al. 2017) lets the codes carry
+    more of the image, at the price of a prior that fits them less well."""
     w: float = 1e-6
     """recipe=reference: the decoder's gradient is w * grad(L_llike) - (1 - w) * grad(L_GAN)."""
     generator: str = "minimax"
@@ -131,6 +135,8 @@ class LossConfig:
         _choice("loss", "generator", self.generator, ("minimax", "nonsaturating"))
         _check(self.gamma >= 0 and math.isfinite(self.gamma), "loss.gamma", self.gamma,
                "a finite number >= 0")
+        _check(self.kl_weight > 0 and math.isfinite(self.kl_weight), "loss.kl_weight", self.kl_weight,
+               "a finite number > 0 (1: the paper)")
         _check(0 <= self.w <= 1, "loss.w", self.w, "a number in [0, 1]")
         _check(self.equilibrium_margin >= 0, "loss.equilibrium_margin",
                self.equilibrium_margin, "a number >= 0")

@@ -267,10 +267,11 @@ class TrainStep:
             g_dec = a * g_ll + c * g_adv
         # (3) Dec: gamma * grad L_llike - grad L_GAN (recipe=reference: w and 1 - w).
         self._backward(fake, g_dec, ("dec",), retain_graph=True, sink=sink)
-        # (4) Enc: grad (L_prior + L_llike). g_ll goes back through Dec to z (input gradient
-        #     only; Dec's weights are done), then through the reparameterisation into Enc.
+        # (4) Enc: grad (L_prior + L_llike), L_prior weighted by loss.kl_weight (1: the paper).
+        #     g_ll goes back through Dec to z (input gradient only; Dec's weights are done),
+        #     then through the reparameterisation into Enc.
         (g_z,) = torch.autograd.grad(fake, z_in, g_ll)
-        self._backward([kl, z], [torch.ones_like(kl), g_z[:b]], ("enc",), sink=sink)
+        self._backward([kl, z], [torch.full_like(kl, L.kl_weight), g_z[:b]], ("enc",), sink=sink)
         return metrics if sink is None else terms
 
     def _vae(self, x: torch.Tensor, eps: torch.Tensor, z_p: torch.Tensor, adv: torch.Tensor,
@@ -286,7 +287,7 @@ class TrainStep:
         terms = (kl, zero, ll, zero, None, None, None)
         if sink is None:
             metrics = self._metrics(*terms)
-        self._backward(kl + ll, None, ("enc", "dec"), sink=sink)
+        self._backward(self.cfg.loss.kl_weight * kl + ll, None, ("enc", "dec"), sink=sink)
         return metrics if sink is None else terms
 
     def _gan(self, x: torch.Tensor, eps: torch.Tensor, z_p: torch.Tensor, adv: torch.Tensor,
