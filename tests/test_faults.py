@@ -14,7 +14,15 @@ import mlflow
 import pytest
 import torch
 
-from vaegan.checkpoint import LIVE, MANIFEST, CheckpointError, TrainState, check_complete, save_checkpoint
+from vaegan.checkpoint import (
+    LIVE,
+    MANIFEST,
+    CheckpointError,
+    TrainState,
+    check_complete,
+    load_checkpoint,
+    save_checkpoint,
+)
 from vaegan.cluster import LEASE, RunLease, RunLeaseError, storage_for
 from vaegan.config import load_config
 from vaegan.model import VAEGAN
@@ -56,6 +64,15 @@ def test_a_checkpoint_is_complete_only_when_its_manifest_matches(tmp_path, debug
     assert "model.pt does not match" in check_complete(path)
     (path / MANIFEST).unlink()  # the writer stopped before the manifest
     assert check_complete(path).startswith("no manifest.json")
+
+
+def test_a_checkpoint_keeps_dis_attribute_head(tmp_path, debug_cfg):
+    debug_cfg.model.dis_attributes = 4
+    model = VAEGAN(debug_cfg.model)
+    path = save_checkpoint(tmp_path / "ckpt", model, debug_cfg, TrainState(step=3))
+    loaded, cfg, _ = load_checkpoint(path)
+    assert cfg.model.dis_attributes == 4
+    torch.testing.assert_close(loaded.discriminator.attributes.weight, model.discriminator.attributes.weight)
 
 
 def test_a_checkpoint_is_never_written_with_non_finite_weights(tmp_path, debug_cfg):

@@ -41,6 +41,21 @@ def test_selectable_dis_layer():
     assert feats.shape == (2, *dis_l_shape(cfg)) == (2, 32, 16, 16)
 
 
+def test_the_attribute_head_shares_dis_and_leaves_its_logit_alone():
+    """model.dis_attributes: a second head on Dis's hidden FC; the GAN logit and Dis_l are
+    those of the same Dis without the head."""
+    cfg = ModelConfig(image_size=32, channels=1, latent_dim=4, width=0.25, dis_attributes=5)
+    dis = VAEGAN(cfg).discriminator.eval()
+    x = torch.randn(3, 1, 32, 32)
+    logit, feats, attrs = dis(x, with_attributes=True)
+    assert attrs.shape == (3, 5)
+    plain_logit, plain_feats = dis(x)
+    torch.testing.assert_close(logit, plain_logit)
+    torch.testing.assert_close(feats, plain_feats)
+    with pytest.raises(ValueError, match="no attribute head"):
+        VAEGAN(ModelConfig(image_size=32, channels=1, latent_dim=4)).discriminator(x, with_attributes=True)
+
+
 def test_table1_parameter_counts():
     """Counted by hand from Table 1 (5x5 convs with bias, BN scale+shift): guards the
     numbers the README states."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vaegan.augment import augment
-from vaegan.losses import gan_bce, generator_nonsaturating, kl_prior, llike_dis_l, llike_pixel
+from vaegan.losses import attribute_bce, gan_bce, generator_nonsaturating, kl_prior, llike_dis_l, llike_pixel
 from vaegan.model import VAEGAN, reparameterize
 from vaegan.step import NonFiniteLossError, TrainStep
 
@@ -33,11 +33,12 @@ def grads(module):
             for p in module.parameters()]
 
 
-def own_objectives(model, cfg, x, eps, z_p, augment_seed=None, adv=1.0):
+def own_objectives(model, cfg, x, eps, z_p, augment_seed=None, adv=1.0, attrs=None):
     """Each network's objective from one plain full graph (no detaches but the Dis_l(x)
     target), differentiated w.r.t. that network only. `augment_seed`: Dis sees its inputs
     through loss.augment, drawn from a generator with that seed; `adv`: the adversarial
-    term's weight (loss.adversarial_warmup)."""
+    term's weight (loss.adversarial_warmup); `attrs`: the real images' labels, for Dis's
+    attribute head (loss.attribute_weight)."""
     L, b = cfg.loss, x.shape[0]
     enc, dec, dis = model.encoder, model.decoder, model.discriminator
     mu, log_var = enc(x)
@@ -46,13 +47,18 @@ def own_objectives(model, cfg, x, eps, z_p, augment_seed=None, adv=1.0):
     dis_in = torch.cat([x, fake])
     if augment_seed is not None:
         dis_in = augment(dis_in, L.augment_policy, b, torch.Generator().manual_seed(augment_seed))
-    logits, feats = dis(dis_in)
+    if attrs is None:
+        logits, feats = dis(dis_in)
+    else:
+        logits, feats, attr_logits = dis(dis_in, with_attributes=True)
     lr, lt, lp = logits.split(b)
     fr, ft, _ = feats.split(b)
     kl = kl_prior(mu, log_var)
     ll = llike_dis_l(fr.detach(), ft)
     paper = L.recipe == "paper"
     gan = gan_bce(lr, lt if paper else None, lp)
+    # Dis alone descends the attribute BCE of the real images; Dec's minimax term is L_GAN only.
+    dis_obj = gan if attrs is None else gan + L.attribute_weight * attribute_bce(attr_logits[:b], attrs)
     a, c = (L.gamma, adv) if paper else (L.w, (1 - L.w) * adv)
     if L.mode == "vae_dis_l":
         dec_obj = ll  # VAE_Dis_l: no adversarial term for Dec (and nothing for gamma to weigh)
@@ -65,7 +71,7 @@ def own_objectives(model, cfg, x, eps, z_p, augment_seed=None, adv=1.0):
         return list(torch.autograd.grad(obj, list(module.parameters()), retain_graph=True,
                                         allow_unused=True))
     return {"encoder": g(L.kl_weight * kl + ll, enc), "decoder": g(dec_obj, dec),
-            "discriminator": g(gan, dis)}
+            "discriminator": g(dis_obj, dis)}
 
 
 def assert_grads_close(actual, expected, name):
@@ -110,6 +116,27 @@ def test_augmented_dis_inputs_and_the_warmup_route_like_their_objectives(debug_c
     plain = own_objectives(reference_model, debug_cfg, x, eps, z_p, adv=0.25)["discriminator"]
     assert max(float((a - e).abs().max()) for a, e in zip(grads(model.discriminator), plain, strict=True)
                if e is not None) > 1e-4
+
+
+@pytest.mark.parametrize("generator", ["minimax", "nonsaturating"])
+@pytest.mark.parametrize("mode", ["vaegan", "vae_dis_l"])
+def test_the_attribute_head_trains_dis_alone(debug_cfg, generator, mode):
+    """loss.attribute_weight: Dis descends L_GAN + weight * BCE(attributes of x); Enc and Dec
+    get exactly their objectives without it: the labels reach Dis only, even through the
+    batch norm that couples x with the fakes in Dis's batch (minimax Dec ascending Dis's
+    whole loss would fail this on 99% of the decoder's first weights)."""
+    debug_cfg.model.dis_attributes = 3
+    model, step = make(debug_cfg, mode=mode, generator=generator, gamma=0.3, attribute_weight=5.0)
+    x, (eps, z_p) = batch(debug_cfg), noise(debug_cfg)
+    attrs = (torch.rand(len(x), 3) > 0.5).float() * 2 - 1  # CelebA's 1/-1
+    reference_model = copy.deepcopy(model)
+    m = step.compute_gradients(x, (eps, z_p), attrs)
+    expected = own_objectives(reference_model, debug_cfg, x, eps, z_p, attrs=attrs)
+    for name in ("encoder", "decoder", "discriminator"):
+        assert_grads_close(grads(getattr(model, name)), expected[name], name)
+    assert m.attribute_bce > 0 and model.discriminator.attributes.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="attribute labels"):
+        step.compute_gradients(x, (eps, z_p))
 
 
 def test_the_equilibrium_rule_never_pauses_the_vae_dis_l_decoder(debug_cfg):

@@ -13,7 +13,7 @@ from vaegan.cluster import ClusterError
 from vaegan.config import load_config
 from vaegan.registry import load_model
 from vaegan.tracking import TrackingError
-from vaegan.train import FAULT_ENV, fit
+from vaegan.train import FAULT_ENV, TrainError, fit, resolve_attribute_head
 
 pytestmark = pytest.mark.slow
 
@@ -120,3 +120,23 @@ def test_unwritable_storage_is_a_clear_error(tmp_path, mnist_shards, mlflow_serv
     cfg = train_cfg(tmp_path, mnist_shards, mlflow_server, f"train.storage_path={blocker}/runs")
     with pytest.raises(ClusterError, match="checkpoint storage .* is not writable"):
         fit(cfg)
+
+
+def test_the_attribute_head_needs_binary_labels_and_is_sized_to_them(tmp_path, mnist_shards):
+    """Refused before MLflow or Ray is touched (the URI below is never dialled): mnist's
+    label is a digit, not a yes/no attribute."""
+    cfg = train_cfg(tmp_path, mnist_shards, "http://127.0.0.1:9", "loss.attribute_weight=2")
+    with pytest.raises(TrainError, match=r"loss.attribute_weight=2 needs binary attributes .* "
+                                         r"have none \(no labels, or a class label such as a digit\)"):
+        fit(cfg)
+    names = ["Bangs", "Smiling"]
+    assert resolve_attribute_head(load_config("debug", overrides=["loss.attribute_weight=1"]),
+                                  names).model.dis_attributes == 2
+    vae = load_config("debug", overrides=["loss.attribute_weight=1", "loss.mode=vae"])
+    assert resolve_attribute_head(vae, names).model.dis_attributes == 0  # no Dis to put it on
+    with pytest.raises(TrainError, match=r"model.dis_attributes=3, but shards .* label 2 attributes"):
+        resolve_attribute_head(load_config("debug", overrides=["loss.attribute_weight=1",
+                                                               "model.dis_attributes=3"]), names)
+    with pytest.raises(TrainError, match=r"model.dis_attributes=2 adds an attribute head to Dis that only "
+                                         r"loss.attribute_weight > 0 trains"):
+        resolve_attribute_head(load_config("debug", overrides=["model.dis_attributes=2"]), names)

@@ -121,6 +121,13 @@ def test_bad_spaces_are_refused_naming_the_key(space, match):
         check_options(cfg, SweepOptions(**space))
 
 
+def test_a_sweep_that_would_train_an_attribute_head_on_digits_is_refused(tmp_path, mnist_shards):
+    """Before Ray, MLflow or any trial: mnist's label is a digit, not a yes/no attribute."""
+    cfg = sweep_cfg(tmp_path, mnist_shards, "http://127.0.0.1:9")
+    with pytest.raises(TuneError, match=r"loss.attribute_weight=0.5 in this sweep: .*needs binary"):
+        sweep(cfg, SweepOptions(name="attr", grid={"loss.attribute_weight": [0, 0.5]}, metric="loss"))
+
+
 def test_cli_parses_spaces(capsys):
     code = main(["tune", "--preset", "debug", "train.eval_every=5", "--grid", "loss.mode=vae,bogus"])
     assert code == 2 and "--grid loss.mode=bogus" in capsys.readouterr().err

@@ -59,6 +59,10 @@ class ModelConfig:
     dis_layer: int = -1
     """Which discriminator conv gives Dis_l (1-based; -1 = the last conv, which is the
     paper's 4th conv at 64x64). Taken before that conv's BN and ReLU."""
+    dis_attributes: int = 0
+    """Outputs of an attribute head on Dis's hidden FC (loss.attribute_weight): one logit per
+    labelled attribute of the data. Training sets it from the shards' manifest; a checkpoint
+    keeps it so its head loads. 0: no head (the paper's Dis)."""
     latent_mixture: int = 0
     """Components of a Gaussian mixture fitted to the encoder's means of the training images
     at every checkpoint and evaluation (ex-post density estimation, Ghosh et al. 2020), which
@@ -73,6 +77,8 @@ class ModelConfig:
         _check(0 < self.width <= 8, "model.width", self.width, "a number in (0, 8]")
         _check(self.enc_fc >= 1, "model.enc_fc", self.enc_fc, "an integer >= 1")
         _check(self.dis_fc >= 1, "model.dis_fc", self.dis_fc, "an integer >= 1")
+        _check(self.dis_attributes >= 0, "model.dis_attributes", self.dis_attributes,
+               "an integer >= 0 (0: no attribute head)")
         _check(0 <= self.latent_mixture <= MAX_MIXTURE, "model.latent_mixture", self.latent_mixture,
                f"an integer in 0..{MAX_MIXTURE} (0: sample the prior only)")
         n_convs = 1 + int(math.log2(self.image_size // 8))
@@ -81,8 +87,8 @@ class ModelConfig:
 
 
 MODES = ("vaegan", "vae", "vae_dis_l", "gan")
-AUGMENTATIONS = ("translation", "cutout", "color")  # vaegan.augment
 """The paper's model and its three baselines (docs/method.md#baselines)."""
+AUGMENTATIONS = ("translation", "cutout", "color")  # vaegan.augment
 
 
 @dataclass
@@ -119,6 +125,13 @@ class LossConfig:
     adversarial_warmup: int = 0
     """Steps over which the adversarial term's weight in Dec's gradient ramps from 0 to 1
     (mode=vaegan): Dis trains from the start, Dec first learns from L_llike alone. 0: none."""
+    attribute_weight: float = 0.0
+    """Weight of an auxiliary attribute loss in Dis's objective (AC-GAN, Odena et al. 2017):
+    a head on Dis's hidden FC predicts the labelled attributes of the real images (BCE), so
+    Dis's layers, Dis_l included, learn to tell them apart and L_llike then charges the
+    decoder for losing them. Needs shards with attributes; the labels reach Dis only (Enc,
+    Dec and the latent space are trained as before). mode=vae has no Dis and ignores it.
+    0: off (the paper)."""
 
     @property
     def augment_policy(self) -> tuple[str, ...]:
@@ -137,6 +150,8 @@ class LossConfig:
                "a finite number >= 0")
         _check(self.kl_weight > 0 and math.isfinite(self.kl_weight), "loss.kl_weight", self.kl_weight,
                "a finite number > 0 (1: the paper)")
+        _check(self.attribute_weight >= 0 and math.isfinite(self.attribute_weight),
+               "loss.attribute_weight", self.attribute_weight, "a finite number >= 0 (0: off)")
         _check(0 <= self.w <= 1, "loss.w", self.w, "a number in [0, 1]")
         _check(self.equilibrium_margin >= 0, "loss.equilibrium_margin",
                self.equilibrium_margin, "a number >= 0")

@@ -56,6 +56,15 @@ def generator_nonsaturating(logit_fake: torch.Tensor) -> torch.Tensor:
         logit_fake.float(), torch.ones_like(logit_fake, dtype=torch.float32))
 
 
+def attribute_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The attribute head's loss (loss.attribute_weight; AC-GAN's class term, Odena et al.
+    2017): BCE of Dis's attribute logits (B, A) against the real images' labels (B, A; > 0
+    means "has it", so 1/0 and CelebA's 1/-1 both work). A mean over the attributes as well
+    as the batch, the one exception to the per-image sums here: the weight then means the
+    same for 5 labels as for CelebA's 40."""
+    return F.binary_cross_entropy_with_logits(logits.float(), (labels > 0).float())
+
+
 def equilibrium(real_cost: float, fake_cost: float, target: float, margin: float) -> tuple[bool, bool]:
     """The authors' margin rule -> (skip_dis, skip_dec); target and margin are
     loss.equilibrium_target / _margin (the authors' 0.68 and 0.35).
@@ -93,3 +102,5 @@ class StepMetrics(NamedTuple):
     """1 if the equilibrium rule skipped the discriminator update"""
     skip_dec: float
     """1 if the equilibrium rule skipped the decoder update"""
+    attribute_bce: float = 0.0
+    """Dis's attribute loss on the real images (loss.attribute_weight; 0 when off)"""

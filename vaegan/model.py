@@ -9,8 +9,10 @@ At 64x64 (the paper) every network has three stride-2 stages and an 8x8 bottlene
 Dis_l keeps its paper meaning (the last conv: the 4th at 64x64). Single device; no Ray,
 MLflow or torch.distributed here.
 
-Not in the paper: `LatentMixture`, a Gaussian mixture over the encoder's codes fitted after
-training (model.latent_mixture; Ghosh et al. 2020), as a second source of z_p for sampling.
+Not in the paper: Dis's optional attribute head (model.dis_attributes; an AC-GAN head,
+Odena et al. 2017, trained by loss.attribute_weight), and `LatentMixture`, a Gaussian
+mixture over the encoder's codes fitted after training (model.latent_mixture; Ghosh et al.
+2020), as a second source of z_p for sampling.
 """
 
 from __future__ import annotations
@@ -97,7 +99,8 @@ class Discriminator(nn.Module):
     """x (B, C, H, W) -> (logit (B,), Dis_l(x) (B, c_l, h_l, w_l)).
 
     Returns the logit, not the sigmoid: BCE-with-logits is the numerically stable form of
-    log Dis(x) and log(1 - Dis(x)).
+    log Dis(x) and log(1 - Dis(x)). With model.dis_attributes = A > 0, `with_attributes=True`
+    also returns A attribute logits (B, A) from a second head on the same hidden FC.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -118,15 +121,21 @@ class Discriminator(nn.Module):
         self.fc = nn.Sequential(  # FC 512, BN, ReLU; FC 1 (sigmoid folded into the loss)
             nn.Flatten(), nn.Linear(cin * BOTTLENECK**2, fc), nn.BatchNorm1d(fc), nn.ReLU(),
             nn.Linear(fc, 1))
+        self.attributes = nn.Linear(fc, cfg.dis_attributes) if cfg.dis_attributes else None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, with_attributes: bool = False):
         h, feats = x, None
         for i, (conv_, post) in enumerate(zip(self.convs, self.post, strict=True), start=1):
             h = conv_(h)
             if i == self.dis_layer:
                 feats = h  # Dis_l: this conv's output, before its BN and ReLU
             h = post(h)
-        return self.fc(h).squeeze(1), feats
+        if not with_attributes:
+            return self.fc(h).squeeze(1), feats
+        if self.attributes is None:
+            raise ValueError("this discriminator has no attribute head (model.dis_attributes=0)")
+        hidden = self.fc[:-1](h)  # the FC's hidden layer, shared by both heads
+        return self.fc[-1](hidden).squeeze(1), feats, self.attributes(hidden)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Dis_l(x) alone, running only the first l layers."""

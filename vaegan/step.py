@@ -25,6 +25,8 @@ in Dec's gradient; vae and gan are the other baselines (docs/method.md#baselines
 training aids (docs/method.md#training-aids): loss.augment passes Dis's whole input through
 differentiable transforms (x~ with x's draws, so Dis_l still compares like with like), and
 loss.adversarial_warmup ramps the adversarial term's weight in Dec's gradient from 0 to 1.
+loss.attribute_weight adds an attribute head's BCE on the real images to Dis's loss (AC-GAN),
+so Dis_l learns to tell the labelled attributes apart; it reaches Dis's weights only.
 
 Batch norm over a concatenated batch couples its samples, so g_ll also has an x_p part and
 g_gan an x~ part; both are routed. Single device: no Ray, MLflow or torch.distributed.
@@ -48,6 +50,7 @@ from vaegan.augment import augment
 from vaegan.config import Config, OptimConfig
 from vaegan.losses import (
     StepMetrics,
+    attribute_bce,
     equilibrium,
     gan_bce,
     generator_nonsaturating,
@@ -143,13 +146,14 @@ class TrainStep:
 
     # -- the step ------------------------------------------------------------------------
 
-    def __call__(self, x: torch.Tensor,
-                 noise: tuple[torch.Tensor, torch.Tensor] | None = None) -> StepMetrics:
-        """One step of Algorithm 1 on images x (B, C, H, W) in [-1, 1]."""
+    def __call__(self, x: torch.Tensor, noise: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 attrs: torch.Tensor | None = None) -> StepMetrics:
+        """One step of Algorithm 1 on images x (B, C, H, W) in [-1, 1]; `attrs` (B, A): their
+        attribute labels, which loss.attribute_weight > 0 needs."""
         self._set_lr()
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
-        metrics = self.compute_gradients(x, noise)
+        metrics = self.compute_gradients(x, noise, attrs)
         mode = self.cfg.loss.mode
         if mode != "gan":
             self.opt_enc.step()  # theta_Enc <- theta_Enc - grad_Enc (L_prior + L_llike)
@@ -160,19 +164,26 @@ class TrainStep:
         self.step_count += 1
         return metrics
 
-    def compute_gradients(self, x: torch.Tensor,
-                          noise: tuple[torch.Tensor, torch.Tensor] | None = None) -> StepMetrics:
+    def compute_gradients(self, x: torch.Tensor, noise: tuple[torch.Tensor, torch.Tensor] | None = None,
+                          attrs: torch.Tensor | None = None) -> StepMetrics:
         """Fill each network's .grad with the gradient of its own objective; step nothing."""
         b = x.shape[0]
+        if self.cfg.loss.attribute_weight > 0 and self.cfg.loss.mode != "vae":
+            if attrs is None:
+                raise ValueError("loss.attribute_weight > 0: the step needs the batch's attribute "
+                                 "labels (attrs)")
+            attrs = (attrs.to(self.device) > 0).float()
+        else:
+            attrs = None
         if noise is None:
             latent = self.cfg.model.latent_dim
             noise = tuple(torch.randn(b, latent, generator=self.generator, device=self.device)
                           for _ in range(2))
         eps, z_p = noise
         if self._compiled is None:
-            return self._mode_fn()(x, eps, z_p, self._adversarial_weight())
+            return self._mode_fn()(x, eps, z_p, self._adversarial_weight(), attrs)
         with torch._dynamo.config.patch(trace_autograd_ops=True):  # trace autograd.grad
-            terms, grads = self._compiled(x, eps, z_p, self._adversarial_weight())
+            terms, grads = self._compiled(x, eps, z_p, self._adversarial_weight(), attrs)
         metrics = self._metrics(*terms)
         for net, values in grads.items():  # accumulated, as the eager backward passes do
             for p, g in zip(_params(getattr(self, net)), values, strict=True):
@@ -184,13 +195,13 @@ class TrainStep:
                 "gan": self._gan}[self.cfg.loss.mode]
 
     def _gradients_as_values(self, x: torch.Tensor, eps: torch.Tensor, z_p: torch.Tensor,
-                             adv: torch.Tensor):
+                             adv: torch.Tensor, attrs: torch.Tensor | None):
         """The step as a pure function for torch.compile: (loss terms, {net: gradients}).
         Everything is returned, nothing accumulated into .grad, and the terms are detached,
         so the compiled graph has no backward of its own and every gradient a phase does not
         use (e.g. Dis's weight gradient of L_llike) is dead code."""
         grads: dict[str, list[torch.Tensor]] = {}
-        terms = self._mode_fn()(x, eps, z_p, adv, grads)
+        terms = self._mode_fn()(x, eps, z_p, adv, attrs, grads)
         return [t.detach() if t is not None else None for t in terms], grads
 
     def _autocast(self):
@@ -217,7 +228,7 @@ class TrainStep:
         return list(grads[i:])
 
     def _vaegan(self, x: torch.Tensor, eps: torch.Tensor, z_p: torch.Tensor, adv: torch.Tensor,
-                sink: dict | None = None):
+                attrs: torch.Tensor | None = None, sink: dict | None = None):
         """VAE/GAN, and VAE_Dis_l (mode=vae_dis_l): the same networks and passes, but the
         decoder's objective is L_llike alone; Dis still learns L_GAN, which shapes Dis_l."""
         L, b = self.cfg.loss, x.shape[0]
@@ -233,7 +244,8 @@ class TrainStep:
             # of its own (a*g_ll - b*g_gan) rather than Dis's.
             fake_in = fake.detach().requires_grad_()
             # one Dis forward, (3B,); augmented (loss.augment) with x~ transformed as x is
-            logits, feats = self.dis(self._augment(torch.cat([x, fake_in]), paired=b))
+            logits, feats, attr_logits = self._dis(self._augment(torch.cat([x, fake_in]), paired=b),
+                                                   attrs is not None)
         logit_real, logit_recon, logit_prior = logits.split(b)
         feats_real, feats_recon, _ = feats.split(b)
         kl = kl_prior(mu.float(), log_var.float())
@@ -242,21 +254,22 @@ class TrainStep:
         ll = llike_dis_l(feats_real.detach(), feats_recon)
         # recipe=reference: the authors' Dis loss leaves x~ out.
         gan = gan_bce(logit_real, logit_recon if L.recipe == "paper" else None, logit_prior)
-        terms = (kl, ll, torch.zeros(()), gan, logit_real, logit_recon, logit_prior)
+        attr = attribute_bce(attr_logits[:b], attrs) if attrs is not None else None
+        terms = (kl, ll, torch.zeros(()), gan, logit_real, logit_recon, logit_prior, attr)
         if sink is None:  # eager: one host sync, before any backward (and any DDP exchange)
             metrics = self._metrics(*terms)
 
         # (1) L_llike -> gradient at the fakes through Dis's first l layers only. Dis's
         #     weights receive nothing: Dis_l is a fixed metric for the VAE terms.
         (g_ll,) = torch.autograd.grad(ll, fake_in, retain_graph=True)
-        # (2) L_GAN -> Dis's weights (descend the BCE) and the BCE's gradient at the fakes,
-        #     in one traversal of Dis.
+        # (2) L_GAN (+ the attribute BCE) -> Dis's weights (descend the BCE) and, for
+        #     minimax Dec, the BCE's gradient at the fakes, in one traversal of Dis.
         ns = L.generator == "nonsaturating"
         if not adversarial:  # VAE_Dis_l: Dis's weights only; Dec needs no GAN gradient
-            self._backward(gan, None, ("dis",), sink=sink)
+            self._backward(self._dis_loss(gan, attr), None, ("dis",), sink=sink)
             g_dec = g_ll  # gamma weighs content against style: here there is no style
         else:
-            (g_gan,) = self._backward(gan, None, ("dis",), [fake_in], retain_graph=ns, sink=sink)
+            g_gan = self._dis_backward(gan, attr, fake_in, ns, sink)
             if ns:  # Dec descends -log Dis(fake) over the fakes the GAN loss uses
                 fakes = torch.cat([logit_recon, logit_prior]) if L.recipe == "paper" else logit_prior
                 (g_adv,) = torch.autograd.grad(generator_nonsaturating(fakes), fake_in)
@@ -275,7 +288,7 @@ class TrainStep:
         return metrics if sink is None else terms
 
     def _vae(self, x: torch.Tensor, eps: torch.Tensor, z_p: torch.Tensor, adv: torch.Tensor,
-             sink: dict | None = None):
+             attrs: torch.Tensor | None = None, sink: dict | None = None):
         """The paper's baseline: a VAE with a pixel-wise Gaussian error; Enc and Dec both
         descend L_prior + L_llike^pixel. Dis is not used."""
         with self._autocast():
@@ -284,28 +297,29 @@ class TrainStep:
         kl = kl_prior(mu.float(), log_var.float())
         ll = llike_pixel(x, x_recon)
         zero = torch.zeros(())
-        terms = (kl, zero, ll, zero, None, None, None)
+        terms = (kl, zero, ll, zero, None, None, None, None)
         if sink is None:
             metrics = self._metrics(*terms)
         self._backward(self.cfg.loss.kl_weight * kl + ll, None, ("enc", "dec"), sink=sink)
         return metrics if sink is None else terms
 
     def _gan(self, x: torch.Tensor, eps: torch.Tensor, z_p: torch.Tensor, adv: torch.Tensor,
-             sink: dict | None = None):
+             attrs: torch.Tensor | None = None, sink: dict | None = None):
         """The paper's GAN baseline: no encoder; Dis on [x; x_p]."""
         L, b = self.cfg.loss, x.shape[0]
         with self._autocast():
             x_p = self.dec(z_p)
             fake_in = x_p.detach().requires_grad_()  # gradient stop: Dec gets g_adv below
-            logits, _ = self.dis(self._augment(torch.cat([x, fake_in])))
+            logits, _, attr_logits = self._dis(self._augment(torch.cat([x, fake_in])), attrs is not None)
         logit_real, logit_prior = logits.split(b)
         gan = gan_bce(logit_real, None, logit_prior)
         zero = torch.zeros(())
-        terms = (zero, zero, zero, gan, logit_real, None, logit_prior)
+        attr = attribute_bce(attr_logits[:b], attrs) if attrs is not None else None
+        terms = (zero, zero, zero, gan, logit_real, None, logit_prior, attr)
         if sink is None:
             metrics = self._metrics(*terms)
         ns = L.generator == "nonsaturating"
-        (g_gan,) = self._backward(gan, None, ("dis",), [fake_in], retain_graph=ns, sink=sink)
+        g_gan = self._dis_backward(gan, attr, fake_in, ns, sink)
         if ns:
             (g_adv,) = torch.autograd.grad(generator_nonsaturating(logit_prior), fake_in)
         else:
@@ -314,6 +328,34 @@ class TrainStep:
         return metrics if sink is None else terms
 
     # -- helpers -------------------------------------------------------------------------
+
+    def _dis(self, images: torch.Tensor, with_attributes: bool):
+        """Dis(images) -> (logits, Dis_l, attribute logits or None)."""
+        if with_attributes:
+            return self.dis(images, with_attributes=True)
+        return (*self.dis(images), None)
+
+    def _dis_loss(self, gan: torch.Tensor, attr: torch.Tensor | None) -> torch.Tensor:
+        """What Dis descends: L_GAN, plus the attribute head's BCE (loss.attribute_weight)."""
+        return gan if attr is None else gan + self.cfg.loss.attribute_weight * attr
+
+    def _dis_backward(self, gan: torch.Tensor, attr: torch.Tensor | None, fake_in: torch.Tensor,
+                      nonsaturating: bool, sink: dict | None) -> torch.Tensor | None:
+        """Dis's loss -> Dis's weights; for minimax Dec, in the same traversal, L_GAN's
+        gradient at the fakes (what Dec ascends; None for nonsaturating Dec, which takes its
+        own). The attribute BCE is taken on real images only, but batch norm over the
+        concatenated batch carries a little of its gradient to the fakes too; that part is
+        Dis's business, not Dec's, so it is taken out (an extra input-gradient pass)."""
+        loss = self._dis_loss(gan, attr)
+        if nonsaturating:  # the graph stays for Dec's own -log Dis(fake)
+            self._backward(loss, None, ("dis",), retain_graph=True, sink=sink)
+            return None
+        g_attr = None
+        if attr is not None:
+            (g_attr,) = torch.autograd.grad(self.cfg.loss.attribute_weight * attr, fake_in,
+                                            retain_graph=True)
+        (g,) = self._backward(loss, None, ("dis",), [fake_in], sink=sink)
+        return g if g_attr is None else g - g_attr
 
     def _adversarial_weight(self) -> torch.Tensor:
         """The adversarial term's weight in Dec's gradient at this step (loss.adversarial_warmup:
@@ -328,13 +370,13 @@ class TrainStep:
         return augment(images, policy, paired, self.generator) if policy else images
 
     def _metrics(self, kl, ll_dis, ll_pix, gan, logit_real, logit_recon,
-                 logit_prior) -> StepMetrics:
+                 logit_prior, attr) -> StepMetrics:
         """All scalars in one host sync; raises on a non-finite term; applies the
         equilibrium rule (on costs averaged across ranks, so all ranks agree)."""
         def d(logit):  # mean Dis(.) = mean sigmoid(logit)
             return torch.sigmoid(logit.detach().float()).mean() if logit is not None else zero
 
-        zero = torch.zeros((), device=kl.device)
+        zero = torch.zeros((), device=self.device)
         bce = torch.nn.functional.binary_cross_entropy_with_logits
         costs = torch.stack([  # real_cost = mean -log Dis(x); fake_cost = mean -log(1-Dis(x_p))
             bce(logit_real.detach().float(), torch.ones_like(logit_real, dtype=torch.float32))
@@ -342,12 +384,13 @@ class TrainStep:
             bce(logit_prior.detach().float(), torch.zeros_like(logit_prior, dtype=torch.float32))
             if logit_prior is not None else zero,
         ])
-        terms = torch.stack([t.detach().float() for t in (kl, ll_dis, ll_pix, gan)])
+        terms = torch.stack([t.detach().float().to(self.device) if t is not None else zero
+                             for t in (kl, ll_dis, ll_pix, gan, attr)])
         scalars = torch.cat([terms, torch.stack([d(logit_real), d(logit_recon), d(logit_prior)]),
                              self.mean_across_ranks(costs)]).tolist()
-        kl_, ll_dis_, ll_pix_, gan_, d_real, d_recon, d_prior, real_cost, fake_cost = scalars
+        kl_, ll_dis_, ll_pix_, gan_, attr_, d_real, d_recon, d_prior, real_cost, fake_cost = scalars
         for name, value in (("kl_prior", kl_), ("llike_dis_l", ll_dis_),
-                            ("llike_pixel", ll_pix_), ("gan_bce", gan_)):
+                            ("llike_pixel", ll_pix_), ("gan_bce", gan_), ("attribute_bce", attr_)):
             if not math.isfinite(value):
                 raise NonFiniteLossError(
                     f"loss term {name} is {value} at step {self.step_count} "
@@ -361,7 +404,7 @@ class TrainStep:
         return StepMetrics(loss=kl_ + ll_dis_ + ll_pix_ + gan_, kl_prior=kl_,
                            llike_dis_l=ll_dis_, llike_pixel=ll_pix_, gan_bce=gan_,
                            d_real=d_real, d_recon=d_recon, d_prior=d_prior,
-                           skip_dis=float(skip_dis), skip_dec=float(skip_dec))
+                           skip_dis=float(skip_dis), skip_dec=float(skip_dec), attribute_bce=attr_)
 
     def _set_lr(self) -> None:
         """Geometric anneal from optim.lr to optim.lr_final over train.steps, or over

@@ -337,7 +337,8 @@ def loop(w: Worker, config: dict) -> None:
                      loader_workers=cfg.data.loader_workers, shuffle_buffer=cfg.data.shuffle_buffer,
                      flip=cfg.data.flip, s3_endpoint=cfg.data.s3_endpoint,
                      max_corrupt_fraction=cfg.data.max_corrupt_fraction,
-                     io_retry_seconds=cfg.data.io_retry_seconds, pin_memory=w.device.type == "cuda")
+                     io_retry_seconds=cfg.data.io_retry_seconds, pin_memory=w.device.type == "cuda",
+                     with_attributes=cfg.model.dis_attributes > 0)  # labels for Dis's attribute head
     progress = Progress(w.state.step, T.steps)
     clock = time.perf_counter()  # train.minutes counts the loop's wall-clock time
     if T.minutes:
@@ -351,12 +352,13 @@ def loop(w: Worker, config: dict) -> None:
         progress.lap()
         for images in loader:
             progress.lap("data")  # waiting for the next batch
+            images, attrs = images if isinstance(images, tuple) else (images, None)
             images = images.to(w.device, memory_format=w.memory_format, non_blocking=True)
             if _fires(w.nans, state.step + 1):  # fault drill
                 images = torch.full_like(images, float("nan"))
             w.step.generator.manual_seed(noise_seed(T.seed, w.rank, state.step, state.rollbacks))
             try:
-                progress.window.append(w.step(images))
+                progress.window.append(w.step(images, attrs=attrs))
                 if (state.step + 1) % T.checkpoint_every == 0 or state.step + 1 >= T.steps:
                     w.guard.check_weights(w.model)  # a checkpoint never holds NaN
             except Divergence as e:  # raised on every rank at the same point
@@ -623,8 +625,9 @@ def _print_progress(step: int, steps: int, m: dict[str, float], start_step: int,
     done = step - start_step
     eta = min((time.time() - t_start) / max(done, 1) * (steps - step), max(budget_left, 0))
     llike = m["llike_dis_l"] + m["llike_pixel"]  # one of them is 0: Dis_l, or pixels (mode=vae)
+    attr = f" attr {m['attribute_bce']:.3f}" if m.get("attribute_bce") else ""  # loss.attribute_weight
     say(f"[vaegan] step {step:>6}/{steps} | kl {m['kl_prior']:8.2f} | llike {llike:9.2f}"
-        f" | gan {m['gan_bce']:.3f} | D(x) {m['d_real']:.2f} D(x~) {m['d_recon']:.2f}"
+        f" | gan {m['gan_bce']:.3f}{attr} | D(x) {m['d_real']:.2f} D(x~) {m['d_recon']:.2f}"
         f" D(xp) {m['d_prior']:.2f} | {m['images_per_s']:6.1f} img/s | ETA {_hms(eta)}")
 
 
@@ -712,6 +715,41 @@ def resolve_data(cfg: Config) -> str:
     return shards
 
 
+def binary_attributes(shards: str, s3_endpoint: str = "") -> list[str]:
+    """The shards' labelled attributes if they are binary (1/0 or CelebA's 1/-1: what Dis's
+    attribute head predicts), judged on the first training images; else [] (e.g. a digit)."""
+    from vaegan.data import read_manifest, read_split
+
+    names = list(read_manifest(shards, s3_endpoint)["attributes"])
+    if not names:
+        return []
+    _, labels = read_split(shards, 256, "train", with_attributes=True, s3_endpoint=s3_endpoint)
+    binary = bool(((labels == 0) | (labels == 1) | (labels == -1)).all())
+    return names if binary else []
+
+
+def resolve_attribute_head(cfg: Config, names: list[str]) -> Config:
+    """Sizes Dis's attribute head to the shards' labels `names`: model.dis_attributes =
+    len(names) when loss.attribute_weight > 0, else 0; refused where it cannot work."""
+    weight, asked, shards = cfg.loss.attribute_weight, cfg.model.dis_attributes, cfg.data.shards
+    if weight == 0 or cfg.loss.mode == "vae":  # no attribute loss (mode=vae has no Dis)
+        if asked:
+            raise TrainError(f"model.dis_attributes={asked} adds an attribute head to Dis that only "
+                             "loss.attribute_weight > 0 trains (and mode=vae has no Dis): leave "
+                             "model.dis_attributes at 0; training sets it")
+        return cfg
+    if not names:
+        raise TrainError(f"loss.attribute_weight={weight:g} needs binary attributes (1/0 or 1/-1, "
+                         f"e.g. CelebA's), and shards {shards} have none (no labels, or a class "
+                         "label such as a digit): set loss.attribute_weight=0, or prepare labelled "
+                         "data (e.g. --source synthetic-faces)")
+    if asked not in (0, len(names)):
+        raise TrainError(f"model.dis_attributes={asked}, but shards {shards} label {len(names)} "
+                         f"attributes ({', '.join(names)}); leave it 0 and training sets it")
+    cfg.model.dis_attributes = len(names)
+    return cfg
+
+
 def resolve_featurizer(cfg: Config, needed_by: str = "") -> str:
     """`train.eval_featurizer`, or one trained on the shards' labels and cached (first use);
     "" when nothing evaluates (no train.eval_every and no `needed_by`, e.g. "--compare")."""
@@ -781,6 +819,8 @@ def _fit(cfg: Config) -> FitResult:
 
     T = cfg.train
     cfg.data.shards = resolve_data(cfg)
+    if cfg.loss.attribute_weight or cfg.model.dis_attributes:
+        resolve_attribute_head(cfg, binary_attributes(cfg.data.shards, cfg.data.s3_endpoint))
     featurizer = resolve_featurizer(cfg)
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     cfg.tracking.tracking_uri = uri

@@ -328,6 +328,21 @@ def check_resources(cfg: Config, opts: SweepOptions) -> None:
 # The driver: one trial
 
 
+def _check_attribute_head(cfg: Config, opts: SweepOptions, attributes: list[str]) -> None:
+    """Refuses, before any trial starts, a sweep whose trials would train Dis's attribute
+    head (loss.attribute_weight > 0, as set or as searched) on shards without binary labels."""
+    from vaegan.train import TrainError, resolve_attribute_head
+
+    _, values = search_spec(cfg, opts).get("loss.attribute_weight", ("grid", [cfg.loss.attribute_weight]))
+    for weight in values:  # a grid's values, or a range's two ends
+        trial = config_from_dict(cfg.to_dict())
+        trial.loss.attribute_weight = float(weight)
+        try:
+            resolve_attribute_head(trial, attributes)
+        except TrainError as e:
+            raise TuneError(f"loss.attribute_weight={weight:g} in this sweep: {e}") from None
+
+
 def _trial_dirname(trial) -> str:
     return trial.trial_id  # short folders: the default name spells out every parameter
 
@@ -370,10 +385,11 @@ def driver_fn(config: dict, ctx: dict) -> None:
 
     from vaegan.cluster import storage_for
     from vaegan.tracking import start_or_resume_run
-    from vaegan.train import FAULT_ENV, build_trainer
+    from vaegan.train import FAULT_ENV, build_trainer, resolve_attribute_head
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(ctx["cfg"], config, f"{ctx['name']}-{trial_id}")
+    resolve_attribute_head(cfg, ctx["attributes"])  # per trial: the space may search the weight
     cfg.train.num_workers = ctx["workers"]
     storage = storage_for(ctx["trials_storage"], cfg.data.s3_endpoint)  # the sweep checked it
     cfg.train.storage_path = storage.url
@@ -475,11 +491,18 @@ def _sweep(cfg: Config, opts: SweepOptions) -> SweepResult:
 
     from vaegan import cluster
     from vaegan.tracking import resolve_tracking_uri
-    from vaegan.train import FAULT_ENV, resolve_data, resolve_featurizer
+    from vaegan.train import (
+        FAULT_ENV,
+        binary_attributes,
+        resolve_data,
+        resolve_featurizer,
+    )
 
     cfg = config_from_dict(cfg.to_dict())  # the caller's config stays as it was
     opts = check_options(cfg, opts)
     cfg.data.shards = resolve_data(cfg)
+    attributes = binary_attributes(cfg.data.shards, cfg.data.s3_endpoint)
+    _check_attribute_head(cfg, opts, attributes)
     featurizer = resolve_featurizer(cfg, "--compare" if opts.compare else "")
     if featurizer and "://" not in featurizer:
         featurizer = str(Path(featurizer).resolve())  # trials and workers run in other folders
@@ -497,7 +520,7 @@ def _sweep(cfg: Config, opts: SweepOptions) -> SweepResult:
     trials = storage.child(f"{opts.name}-trials")
     ctx = {"cfg": cfg.to_dict(), "name": opts.name, "parent_run_id": parent, "metric": opts.metric,
            "workers": opts.workers_per_trial, "featurizer": featurizer,
-           "trials_storage": trials.url,
+           "trials_storage": trials.url, "attributes": attributes,
            "fault": os.environ.get(FAULT_ENV, "")}
     trainable = tune.with_resources(tune.with_parameters(driver_fn, ctx=ctx), {"CPU": opts.trial_cpus})
     path = f"{storage.path}/{opts.name}"
