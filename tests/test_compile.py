@@ -32,12 +32,13 @@ def assert_same_gradients(cfg, calls, rtol, atol):
     model, eager, compiled_model, compiled = eager_and_compiled(cfg)
     m = cfg.model
     x = torch.rand(8, m.channels, m.image_size, m.image_size) * 2 - 1
+    attrs = (torch.rand(8, m.dis_attributes) > 0.5).float() if m.dis_attributes else None
     for _ in range(calls):
         for p in (*model.parameters(), *compiled_model.parameters()):
             p.grad = None
         noise = (torch.randn(8, m.latent_dim), torch.randn(8, m.latent_dim))
-        m_eager = eager.compute_gradients(x, noise)
-        m_compiled = compiled.compute_gradients(x, noise)
+        m_eager = eager.compute_gradients(x, noise, attrs)
+        m_compiled = compiled.compute_gradients(x, noise, attrs)
         for name in ("encoder", "decoder", "discriminator"):
             for i, (a, b) in enumerate(zip(grads(getattr(model, name)),
                                            grads(getattr(compiled_model, name)), strict=True)):
@@ -52,14 +53,17 @@ def assert_same_gradients(cfg, calls, rtol, atol):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=k)
 
 
-@pytest.mark.parametrize(("mode", "recipe", "generator"), [
-    ("vaegan", "paper", "minimax"), ("vaegan", "reference", "nonsaturating"),
-    ("vae", "paper", "minimax"), ("gan", "paper", "nonsaturating")])
+@pytest.mark.parametrize(("mode", "recipe", "generator", "attribute_weight"), [
+    ("vaegan", "paper", "minimax", 0), ("vaegan", "reference", "nonsaturating", 0),
+    ("vae", "paper", "minimax", 0), ("gan", "paper", "nonsaturating", 0),
+    ("vaegan", "paper", "minimax", 2), ("gan", "paper", "minimax", 2)])
 def test_the_traced_form_of_the_step_has_the_eager_gradients(debug_cfg, monkeypatch, mode,
-                                                             recipe, generator):
+                                                             recipe, generator, attribute_weight):
+    """attribute_weight > 0: with Dis's attribute head (3 labels)."""
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # the form, not compiled
     L = debug_cfg.loss
     L.mode, L.recipe, L.generator, L.gamma, L.w = mode, recipe, generator, 0.3, 0.4
+    L.attribute_weight, debug_cfg.model.dis_attributes = attribute_weight, 3 if attribute_weight else 0
     assert_same_gradients(debug_cfg, calls=1, rtol=1e-5, atol=1e-7)
 
 

@@ -139,6 +139,24 @@ def test_the_attribute_head_trains_dis_alone(debug_cfg, generator, mode):
         step.compute_gradients(x, (eps, z_p))
 
 
+def test_the_attribute_head_in_the_gan_baseline(debug_cfg):
+    """mode=gan, minimax: Dis descends L_GAN + weight * BCE(attributes of x), Dec ascends
+    L_GAN alone."""
+    debug_cfg.model.dis_attributes = 2
+    model, step = make(debug_cfg, mode="gan", attribute_weight=3.0)
+    x, (_, z_p) = batch(debug_cfg), noise(debug_cfg)
+    attrs = (torch.rand(len(x), 2) > 0.5).float()
+    ref = copy.deepcopy(model)
+    step.compute_gradients(x, (torch.zeros_like(z_p), z_p), attrs)
+    logits, _, attr_logits = ref.discriminator(torch.cat([x, ref.decoder(z_p)]), with_attributes=True)
+    gan = gan_bce(logits[:len(x)], None, logits[len(x):])
+    dis_obj = gan + 3.0 * attribute_bce(attr_logits[:len(x)], attrs)
+    assert_grads_close(grads(model.discriminator), torch.autograd.grad(
+        dis_obj, list(ref.discriminator.parameters()), retain_graph=True), "discriminator")
+    assert_grads_close(grads(model.decoder), torch.autograd.grad(-gan, list(ref.decoder.parameters())),
+                       "decoder")
+
+
 def test_the_equilibrium_rule_never_pauses_the_vae_dis_l_decoder(debug_cfg):
     """Its decoder plays no game: the rule may pause its Dis, never its Dec."""
     model, _ = make(debug_cfg, mode="vae_dis_l", equilibrium=True)
