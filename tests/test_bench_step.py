@@ -4,9 +4,11 @@ then a fresh Dis forward for the Enc and Dec gradients), pass for pass, nothing 
 
 import copy
 
+import pytest
 import torch
 
 from vaegan.bench import PlainStep, bench_step
+from vaegan.errors import UserError
 from vaegan.losses import gan_bce, kl_prior, llike_dis_l
 from vaegan.model import VAEGAN, reparameterize
 from vaegan.step import make_optimizer
@@ -45,6 +47,12 @@ def test_plain_port_gradients_are_the_plain_transcription(debug_cfg):
         for i, (p, g) in enumerate(zip(getattr(model, name).parameters(), grads, strict=True)):
             torch.testing.assert_close(p.grad, g, rtol=2e-4, atol=2e-6,
                                        msg=lambda m, i=i, name=name: f"{name} param {i}: {m}")
+
+
+def test_the_benchmarks_refuse_the_attribute_head():
+    """They time the paper's step on unlabelled batches."""
+    with pytest.raises(UserError, match=r"loss.attribute_weight=1: the benchmarks time the step without"):
+        bench_step("debug", ["loss.attribute_weight=1"])
 
 
 def test_bench_step_alternates_and_reports_compiled_beside_eager(monkeypatch):

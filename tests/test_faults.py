@@ -73,6 +73,11 @@ def test_a_checkpoint_keeps_dis_attribute_head(tmp_path, debug_cfg):
     loaded, cfg, _ = load_checkpoint(path)
     assert cfg.model.dis_attributes == 4
     torch.testing.assert_close(loaded.discriminator.attributes.weight, model.discriminator.attributes.weight)
+    debug_cfg.model.dis_attributes = 0  # a run resumed with the head turned off (or another label count)
+    with pytest.raises(ValueError, match=r"attribute head of 4 outputs and this model one of 0 "
+                                         r"\(model.dis_attributes; 0: none\): resume with the "
+                                         r"loss.attribute_weight and shards"):
+        VAEGAN(debug_cfg.model).load_weights(model.state_dict())
 
 
 def test_a_checkpoint_is_never_written_with_non_finite_weights(tmp_path, debug_cfg):

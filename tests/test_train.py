@@ -126,8 +126,8 @@ def test_the_attribute_head_needs_binary_labels_and_is_sized_to_them(tmp_path, m
     """Refused before MLflow or Ray is touched (the URI below is never dialled): mnist's
     label is a digit, not a yes/no attribute."""
     cfg = train_cfg(tmp_path, mnist_shards, "http://127.0.0.1:9", "loss.attribute_weight=2")
-    with pytest.raises(TrainError, match=r"loss.attribute_weight=2 needs binary attributes .* "
-                                         r"have none \(no labels, or a class label such as a digit\)"):
+    with pytest.raises(TrainError, match=r"loss.attribute_weight=2 needs binary attributes .* have none "
+                                         r"\(no labels, or labels with other values, such as a digit\)"):
         fit(cfg)
     names = ["Bangs", "Smiling"]
     assert resolve_attribute_head(load_config("debug", overrides=["loss.attribute_weight=1"]),

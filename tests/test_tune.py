@@ -112,6 +112,7 @@ def test_a_space_over_any_key_is_checked_before_any_trial():
     ({"uniform": {"optim.lr": (1e-3, 1e-4)}}, r"--uniform optim.lr=0.001:0.0001: the range is inverted"),
     ({"uniform": {"optim.lr": (-1.0, 1.0)}}, r"--uniform optim.lr=-1:1: optim.lr=-1"),
     ({"grid": {"train.name": ["a", "b"]}}, r"--grid train.name: a sweep sets train.name itself"),
+    ({"grid": {"model.dis_attributes": [0, 5]}}, r"--grid model.dis_attributes: a sweep sets"),
     ({"grid": {"loss.gamma": [0.1]}, "loguniform": {"loss.gamma": (1e-3, 1.0)}},
      r"loss.gamma is already searched"),
 ])
@@ -124,7 +125,8 @@ def test_bad_spaces_are_refused_naming_the_key(space, match):
 def test_a_sweep_that_would_train_an_attribute_head_on_digits_is_refused(tmp_path, mnist_shards):
     """Before Ray, MLflow or any trial: mnist's label is a digit, not a yes/no attribute."""
     cfg = sweep_cfg(tmp_path, mnist_shards, "http://127.0.0.1:9")
-    with pytest.raises(TuneError, match=r"loss.attribute_weight=0.5 in this sweep: .*needs binary"):
+    with pytest.raises(TuneError, match=r"loss.attribute_weight=0.5, loss.mode=vaegan in this sweep: "
+                                        r".*needs binary"):
         sweep(cfg, SweepOptions(name="attr", grid={"loss.attribute_weight": [0, 0.5]}, metric="loss"))
 
 

@@ -133,6 +133,15 @@ class _FlopCounter:
         self.mode.__exit__(*exc)
 
 
+def check_benchable(cfg: Config) -> Config:
+    """The benchmarks time the paper's step, whose inputs are images alone."""
+    if cfg.loss.attribute_weight or cfg.model.dis_attributes:
+        raise UserError(f"loss.attribute_weight={cfg.loss.attribute_weight:g}: the benchmarks time the "
+                        "step without Dis's attribute head (it needs labelled batches); leave "
+                        "loss.attribute_weight and model.dis_attributes at 0 here")
+    return cfg
+
+
 def count_gflop_per_image(cfg: Config, name: str) -> float:
     cfg = copy.deepcopy(cfg)
     cfg.train.precision = "fp32"  # count the same ops whatever the hardware
@@ -155,7 +164,7 @@ def bench_step(preset: str = "celeba64", overrides: list[str] | None = None, ste
     timed steps. `vs_plain` is the row's speed over the plain port's at the same layout (the
     median over rounds of the two step times' ratio); `noise` is the interquartile range of
     the row's step times over their median."""
-    cfg = load_config(preset, overrides=overrides or [])
+    cfg = check_benchable(load_config(preset, overrides=overrides or []))
     dev = resolve_bench_device(device)
     if dev.type == "cuda":  # fixed shapes: let cuDNN pick its kernels, as training does
         torch.backends.cudnn.benchmark = True

@@ -199,6 +199,7 @@ def bench_train(preset: str = "mnist32", overrides: list[str] | None = None, *, 
     time the bare step beside it; -> the report (module docstring)."""
     import mlflow
 
+    from vaegan.bench import check_benchable
     from vaegan.model import VAEGAN, param_count
     from vaegan.step import resolve_precision
     from vaegan.train import fit
@@ -209,6 +210,7 @@ def bench_train(preset: str = "mnist32", overrides: list[str] | None = None, *, 
     cfg = load_config(preset, overrides=[*base, *(overrides or []), f"train.num_workers={workers}",
                                          f"train.cpus_per_worker={threads}", f"train.steps={steps}",
                                          f"train.name=bench-{int(time.time())}"])
+    check_benchable(cfg)  # before the bare step, which has no labels for the attribute head
     global_batch = workers * cfg.data.batch_size
     # On GPUs the yardstick is one GPU (the bare step at one worker's batch), times the workers.
     device = torch.device("cuda" if cfg.train.use_gpu else "cpu")

@@ -131,7 +131,8 @@ class LossConfig:
     Dis's layers, Dis_l included, learn to tell them apart and L_llike then charges the
     decoder for losing them. Needs shards with attributes; the labels reach Dis only (Enc,
     Dec and the latent space are trained as before). mode=vae has no Dis and ignores it.
-    0: off (the paper)."""
+    With loss.augment the head sees the augmented real images under their own labels (a
+    recoloured or cut-out face keeps its Black_Hair or Eyeglasses). 0: off (the paper)."""
 
     @property
     def augment_policy(self) -> tuple[str, ...]:

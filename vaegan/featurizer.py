@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vaegan.errors import UserError
+from vaegan.losses import attribute_bce
 
 
 class EvalError(UserError, ValueError):
@@ -263,11 +264,16 @@ def _select_columns(label_key: str, names: list[str]) -> list[int]:
     return [names.index(k) for k in keys]
 
 
+def is_binary(y: torch.Tensor) -> bool:
+    """Labels that are yes/no attributes: every value 0 or 1, or CelebA's -1 or 1."""
+    return bool(((y == 0) | (y == 1) | (y == -1)).all())
+
+
 def _infer_kind(y: torch.Tensor, kind: str, label_key: str) -> str:
     """One integer label with values beyond {0, 1} is a class index (softmax); binary columns
     ({0, 1} or CelebA's {-1, 1}) are attributes (multilabel)."""
     integer = bool((y == y.round()).all())
-    binary = integer and bool(((y == 0) | (y == 1) | (y == -1)).all())
+    binary = is_binary(y)
     if kind == "auto":
         kind = "softmax" if (y.shape[1] == 1 and integer and not binary) else "multilabel"
     if kind == "softmax" and (y.shape[1] != 1 or not integer or bool((y < 0).any())):
@@ -285,7 +291,7 @@ def _infer_kind(y: torch.Tensor, kind: str, label_key: str) -> str:
 def _loss(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "softmax":
         return F.cross_entropy(logits, y[:, 0].long())
-    return F.binary_cross_entropy_with_logits(logits, (y > 0).float())  # -1/1 and 0/1 alike
+    return attribute_bce(logits, y)  # -1/1 and 0/1 alike
 
 
 def _n_correct(logits: torch.Tensor, y: torch.Tensor, kind: str) -> float:

@@ -234,6 +234,15 @@ class VAEGAN(nn.Module):
         """load_state_dict, strict except for the latent mixture: a checkpoint from before
         model.latent_mixture was turned on (or off) resumes, and the mixture is refitted at
         the next checkpoint."""
+        theirs = state_dict.get("discriminator.attributes.weight")
+        ours = self.discriminator.attributes
+        n_theirs = 0 if theirs is None else theirs.shape[0]
+        n_ours = 0 if ours is None else ours.out_features
+        if n_theirs != n_ours:  # a strict load would only list the keys
+            raise ValueError(f"these weights have a discriminator attribute head of {n_theirs} outputs "
+                             f"and this model one of {n_ours} (model.dis_attributes; 0: none): resume with "
+                             "the loss.attribute_weight and shards the run was trained with, or start "
+                             "a new run (another train.name)")
         missing, unexpected = self.load_state_dict(state_dict, strict=False)
         wrong = [k for k in (*missing, *unexpected) if not k.startswith("latent_mixture.")]
         if wrong:  # the same message as a strict load's

@@ -172,7 +172,11 @@ class TrainStep:
             if attrs is None:
                 raise ValueError("loss.attribute_weight > 0: the step needs the batch's attribute "
                                  "labels (attrs)")
-            attrs = (attrs.to(self.device) > 0).float()
+            n = self.cfg.model.dis_attributes
+            if tuple(attrs.shape) != (b, n):
+                raise ValueError(f"attrs has shape {tuple(attrs.shape)}; Dis's attribute head takes "
+                                 f"({b}, {n}): one label per image and attribute (model.dis_attributes)")
+            attrs = attrs.to(self.device)
         else:
             attrs = None
         if noise is None:

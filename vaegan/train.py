@@ -719,13 +719,13 @@ def binary_attributes(shards: str, s3_endpoint: str = "") -> list[str]:
     """The shards' labelled attributes if they are binary (1/0 or CelebA's 1/-1: what Dis's
     attribute head predicts), judged on the first training images; else [] (e.g. a digit)."""
     from vaegan.data import read_manifest, read_split
+    from vaegan.featurizer import is_binary
 
     names = list(read_manifest(shards, s3_endpoint)["attributes"])
     if not names:
         return []
     _, labels = read_split(shards, 256, "train", with_attributes=True, s3_endpoint=s3_endpoint)
-    binary = bool(((labels == 0) | (labels == 1) | (labels == -1)).all())
-    return names if binary else []
+    return names if is_binary(labels) else []
 
 
 def resolve_attribute_head(cfg: Config, names: list[str]) -> Config:
@@ -740,9 +740,9 @@ def resolve_attribute_head(cfg: Config, names: list[str]) -> Config:
         return cfg
     if not names:
         raise TrainError(f"loss.attribute_weight={weight:g} needs binary attributes (1/0 or 1/-1, "
-                         f"e.g. CelebA's), and shards {shards} have none (no labels, or a class "
-                         "label such as a digit): set loss.attribute_weight=0, or prepare labelled "
-                         "data (e.g. --source synthetic-faces)")
+                         f"e.g. CelebA's), and shards {shards} have none (no labels, or labels with "
+                         "other values, such as a digit): set loss.attribute_weight=0, or prepare "
+                         "labelled data (e.g. --source synthetic-faces)")
     if asked not in (0, len(names)):
         raise TrainError(f"model.dis_attributes={asked}, but shards {shards} label {len(names)} "
                          f"attributes ({', '.join(names)}); leave it 0 and training sets it")

@@ -168,8 +168,9 @@ def _check_range(flag: str, lo: float, hi: float, log: bool = True) -> None:
                         "that value")
 
 
-# The keys a sweep may not vary: they name, place or track the sweep's own runs.
-FIXED_KEYS = ("train.name", "train.storage_path", "train.num_workers")
+# The keys a sweep may not vary: they name, place or track the sweep's own runs, or (the
+# attribute head's size) training sets them from the data.
+FIXED_KEYS = ("train.name", "train.storage_path", "train.num_workers", "model.dis_attributes")
 
 
 def search_spec(cfg: Config, opts: SweepOptions) -> dict[str, tuple[str, Any]]:
@@ -328,19 +329,28 @@ def check_resources(cfg: Config, opts: SweepOptions) -> None:
 # The driver: one trial
 
 
-def _check_attribute_head(cfg: Config, opts: SweepOptions, attributes: list[str]) -> None:
-    """Refuses, before any trial starts, a sweep whose trials would train Dis's attribute
-    head (loss.attribute_weight > 0, as set or as searched) on shards without binary labels."""
-    from vaegan.train import TrainError, resolve_attribute_head
+def _check_attribute_head(cfg: Config, opts: SweepOptions) -> list[str]:
+    """The shards' binary attributes, for the trials that train Dis's attribute head
+    (loss.attribute_weight > 0, as set or as searched); a sweep where one would train it on
+    shards without them is refused before any trial starts."""
+    from vaegan.train import TrainError, binary_attributes, resolve_attribute_head
 
-    _, values = search_spec(cfg, opts).get("loss.attribute_weight", ("grid", [cfg.loss.attribute_weight]))
-    for weight in values:  # a grid's values, or a range's two ends
-        trial = config_from_dict(cfg.to_dict())
-        trial.loss.attribute_weight = float(weight)
-        try:
-            resolve_attribute_head(trial, attributes)
-        except TrainError as e:
-            raise TuneError(f"loss.attribute_weight={weight:g} in this sweep: {e}") from None
+    space = search_spec(cfg, opts)
+    weights = space.get("loss.attribute_weight", ("grid", [cfg.loss.attribute_weight]))[1]
+    modes = space.get("loss.mode", ("grid", [cfg.loss.mode]))[1]
+    if not any(weights) and not cfg.model.dis_attributes:
+        return []  # no trial has the head: no labels to read
+    attributes = binary_attributes(cfg.data.shards, cfg.data.s3_endpoint)
+    for weight in weights:  # a grid's values, or a range's two ends
+        for mode in modes:
+            trial = config_from_dict(cfg.to_dict())
+            trial.loss.attribute_weight, trial.loss.mode = float(weight), mode
+            try:
+                resolve_attribute_head(trial, attributes)
+            except TrainError as e:
+                raise TuneError(f"loss.attribute_weight={weight:g}, loss.mode={mode} in this sweep: "
+                                f"{e}") from None
+    return attributes
 
 
 def _trial_dirname(trial) -> str:
@@ -491,18 +501,12 @@ def _sweep(cfg: Config, opts: SweepOptions) -> SweepResult:
 
     from vaegan import cluster
     from vaegan.tracking import resolve_tracking_uri
-    from vaegan.train import (
-        FAULT_ENV,
-        binary_attributes,
-        resolve_data,
-        resolve_featurizer,
-    )
+    from vaegan.train import FAULT_ENV, resolve_data, resolve_featurizer
 
     cfg = config_from_dict(cfg.to_dict())  # the caller's config stays as it was
     opts = check_options(cfg, opts)
     cfg.data.shards = resolve_data(cfg)
-    attributes = binary_attributes(cfg.data.shards, cfg.data.s3_endpoint)
-    _check_attribute_head(cfg, opts, attributes)
+    attributes = _check_attribute_head(cfg, opts)
     featurizer = resolve_featurizer(cfg, "--compare" if opts.compare else "")
     if featurizer and "://" not in featurizer:
         featurizer = str(Path(featurizer).resolve())  # trials and workers run in other folders
