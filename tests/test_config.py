@@ -28,6 +28,8 @@ def test_yaml_then_overrides(tmp_path):
     ("train.steps=0", "train.steps=0 is not allowed; it must be an integer >= 1"),
     ("loss.kl_weight=0", "loss.kl_weight=0.0 is not allowed; it must be a finite number > 0 (1: the paper)"),
     ("model.image_size=48", "model.image_size=48 is not allowed; choose one of: 32 | 64 | 128"),
+    ("loss.attribute_llike=1", "loss.attribute_llike=1.0 is not allowed; it must be 0 unless "
+                               "loss.attribute_weight > 0 trains the attribute head it reads"),
     ("train.use_gpu=maybe", "train.use_gpu='maybe' is not allowed; it must be true or false"),
     ("gamma", "not of the form key=value"),
 ])

@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from vaegan.augment import augment
-from vaegan.losses import attribute_bce, gan_bce, generator_nonsaturating, kl_prior, llike_dis_l, llike_pixel
+from vaegan.losses import (
+    attribute_bce,
+    attribute_llike,
+    gan_bce,
+    generator_nonsaturating,
+    kl_prior,
+    llike_dis_l,
+    llike_pixel,
+)
 from vaegan.model import VAEGAN, reparameterize
 from vaegan.step import NonFiniteLossError, TrainStep
 
@@ -55,6 +63,8 @@ def own_objectives(model, cfg, x, eps, z_p, augment_seed=None, adv=1.0, attrs=No
     fr, ft, _ = feats.split(b)
     kl = kl_prior(mu, log_var)
     ll = llike_dis_l(fr.detach(), ft)
+    if attrs is not None:  # Dis's attribute reading of x~ against its reading of x, a constant
+        ll = ll + L.attribute_llike * attribute_llike(attr_logits[b:2 * b], attr_logits[:b].detach())
     paper = L.recipe == "paper"
     gan = gan_bce(lr, lt if paper else None, lp)
     # Dis alone descends the attribute BCE of the real images; Dec's minimax term is L_GAN only.
@@ -118,15 +128,18 @@ def test_augmented_dis_inputs_and_the_warmup_route_like_their_objectives(debug_c
                if e is not None) > 1e-4
 
 
+@pytest.mark.parametrize("attribute_llike", [0.0, 2.0])
 @pytest.mark.parametrize("generator", ["minimax", "nonsaturating"])
 @pytest.mark.parametrize("mode", ["vaegan", "vae_dis_l"])
-def test_the_attribute_head_trains_dis_alone(debug_cfg, generator, mode):
+def test_the_attribute_head_trains_dis_alone(debug_cfg, generator, mode, attribute_llike):
     """loss.attribute_weight: Dis descends L_GAN + weight * BCE(attributes of x); Enc and Dec
     get exactly their objectives without it: the labels reach Dis only, even through the
     batch norm that couples x with the fakes in Dis's batch (minimax Dec ascending Dis's
-    whole loss would fail this on 99% of the decoder's first weights)."""
+    whole loss would fail this on 99% of the decoder's first weights). loss.attribute_llike:
+    L_llike also holds the head's reading of x~ against that of x (Enc and Dec descend it)."""
     debug_cfg.model.dis_attributes = 3
-    model, step = make(debug_cfg, mode=mode, generator=generator, gamma=0.3, attribute_weight=5.0)
+    model, step = make(debug_cfg, mode=mode, generator=generator, gamma=0.3, attribute_weight=5.0,
+                       attribute_llike=attribute_llike)
     x, (eps, z_p) = batch(debug_cfg), noise(debug_cfg)
     attrs = (torch.rand(len(x), 3) > 0.5).float() * 2 - 1  # CelebA's 1/-1
     reference_model = copy.deepcopy(model)

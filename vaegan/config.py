@@ -133,6 +133,12 @@ class LossConfig:
     Dec and the latent space are trained as before). mode=vae has no Dis and ignores it.
     With loss.augment the head sees the augmented real images under their own labels (a
     recoloured or cut-out face keeps its Black_Hair or Eyeglasses). 0: off (the paper)."""
+    attribute_llike: float = 0.0
+    """Weight of an attribute term in L_llike (needs loss.attribute_weight > 0): the BCE of
+    Dis's attribute head on x~ against its reading of x (sigmoid, a constant target), so the
+    reconstruction error also counts an attribute the head sees in x and not in x~ (Enc
+    descends it, Dec gamma times it, as the rest of L_llike). Labels still train Dis only.
+    0: off (the paper)."""
 
     @property
     def augment_policy(self) -> tuple[str, ...]:
@@ -153,6 +159,11 @@ class LossConfig:
                "a finite number > 0 (1: the paper)")
         _check(self.attribute_weight >= 0 and math.isfinite(self.attribute_weight),
                "loss.attribute_weight", self.attribute_weight, "a finite number >= 0 (0: off)")
+        _check(self.attribute_llike >= 0 and math.isfinite(self.attribute_llike),
+               "loss.attribute_llike", self.attribute_llike, "a finite number >= 0 (0: off)")
+        _check(not (self.attribute_llike and not self.attribute_weight), "loss.attribute_llike",
+               self.attribute_llike, "0 unless loss.attribute_weight > 0 trains the attribute head "
+               "it reads")
         _check(0 <= self.w <= 1, "loss.w", self.w, "a number in [0, 1]")
         _check(self.equilibrium_margin >= 0, "loss.equilibrium_margin",
                self.equilibrium_margin, "a number >= 0")

@@ -65,6 +65,13 @@ def attribute_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits.float(), (labels > 0).float())
 
 
+def attribute_llike(logits_recon: torch.Tensor, logits_real: torch.Tensor) -> torch.Tensor:
+    """The attribute term of L_llike (loss.attribute_llike): BCE of Dis's attribute logits for
+    x~ against its reading of x, sigmoid(logits of x), a constant; a mean over the
+    attributes and the batch, as `attribute_bce`."""
+    return F.binary_cross_entropy_with_logits(logits_recon.float(), logits_real.detach().float().sigmoid())
+
+
 def equilibrium(real_cost: float, fake_cost: float, target: float, margin: float) -> tuple[bool, bool]:
     """The authors' margin rule -> (skip_dis, skip_dec); target and margin are
     loss.equilibrium_target / _margin (the authors' 0.68 and 0.35).

@@ -27,6 +27,7 @@ differentiable transforms (x~ with x's draws, so Dis_l still compares like with 
 loss.adversarial_warmup ramps the adversarial term's weight in Dec's gradient from 0 to 1.
 loss.attribute_weight adds an attribute head's BCE on the real images to Dis's loss (AC-GAN),
 so Dis_l learns to tell the labelled attributes apart; it reaches Dis's weights only.
+loss.attribute_llike adds the head's reading of x~ against its reading of x to L_llike.
 
 Batch norm over a concatenated batch couples its samples, so g_ll also has an x_p part and
 g_gan an x~ part; both are routed. Single device: no Ray, MLflow or torch.distributed.
@@ -51,6 +52,7 @@ from vaegan.config import Config, OptimConfig
 from vaegan.losses import (
     StepMetrics,
     attribute_bce,
+    attribute_llike,
     equilibrium,
     gan_bce,
     generator_nonsaturating,
@@ -256,6 +258,8 @@ class TrainStep:
         # Dis_l(x) is the target of the Gaussian observation model: a constant for the
         # step, so no gradient flows through it.
         ll = llike_dis_l(feats_real.detach(), feats_recon)
+        if attrs is not None and L.attribute_llike:  # and Dis's attribute reading of x~ vs of x
+            ll = ll + L.attribute_llike * attribute_llike(attr_logits[b:2 * b], attr_logits[:b])
         # recipe=reference: the authors' Dis loss leaves x~ out.
         gan = gan_bce(logit_real, logit_recon if L.recipe == "paper" else None, logit_prior)
         attr = attribute_bce(attr_logits[:b], attrs) if attrs is not None else None
@@ -263,8 +267,9 @@ class TrainStep:
         if sink is None:  # eager: one host sync, before any backward (and any DDP exchange)
             metrics = self._metrics(*terms)
 
-        # (1) L_llike -> gradient at the fakes through Dis's first l layers only. Dis's
-        #     weights receive nothing: Dis_l is a fixed metric for the VAE terms.
+        # (1) L_llike -> gradient at the fakes through Dis's first l layers only (all of Dis
+        #     with loss.attribute_llike). Dis's weights receive nothing: Dis_l is a fixed
+        #     metric for the VAE terms.
         (g_ll,) = torch.autograd.grad(ll, fake_in, retain_graph=True)
         # (2) L_GAN (+ the attribute BCE) -> Dis's weights (descend the BCE) and, for
         #     minimax Dec, the BCE's gradient at the fakes, in one traversal of Dis.
