@@ -36,6 +36,12 @@ def noise(cfg, n=8):
     return torch.randn(n, cfg.model.latent_dim), torch.randn(n, cfg.model.latent_dim)
 
 
+def costs_of(real_cost, fake_cost):
+    """A stand-in for the cross-rank averaging of the step's scalars (`mean_across_ranks`)
+    whose equilibrium costs (the last two) are these."""
+    return lambda scalars: torch.cat([scalars[:-2], torch.tensor((real_cost, fake_cost))])
+
+
 def grads(module):
     return [p.grad.clone() if p.grad is not None else torch.zeros_like(p)
             for p in module.parameters()]
@@ -173,10 +179,10 @@ def test_the_attribute_head_in_the_gan_baseline(debug_cfg):
 def test_the_equilibrium_rule_never_pauses_the_vae_dis_l_decoder(debug_cfg):
     """Its decoder plays no game: the rule may pause its Dis, never its Dec."""
     model, _ = make(debug_cfg, mode="vae_dis_l", equilibrium=True)
-    step = TrainStep.for_model(model, debug_cfg, mean_across_ranks=lambda t: torch.tensor((0.68, 1.2)))
+    step = TrainStep.for_model(model, debug_cfg, mean_across_ranks=costs_of(0.68, 1.2))
     assert step(batch(debug_cfg)).skip_dec == 0
     debug_cfg.loss.mode = "vaegan"  # the same costs pause a VAE/GAN decoder
-    assert TrainStep.for_model(model, debug_cfg, mean_across_ranks=lambda t: torch.tensor((0.68, 1.2))
+    assert TrainStep.for_model(model, debug_cfg, mean_across_ranks=costs_of(0.68, 1.2)
                                )(batch(debug_cfg)).skip_dec == 1
 
 
@@ -265,7 +271,7 @@ def test_equilibrium_skips_leave_that_network_unchanged(debug_cfg, costs, skip):
     test_losses)."""
     debug_cfg.loss.recipe = "reference"
     model = VAEGAN(debug_cfg.model)
-    step = TrainStep.for_model(model, debug_cfg, mean_across_ranks=lambda t: torch.tensor(costs))
+    step = TrainStep.for_model(model, debug_cfg, mean_across_ranks=costs_of(*costs))
     net = model.discriminator if skip == "dis" else model.decoder
     other = model.decoder if skip == "dis" else model.discriminator
     before = {n: copy.deepcopy(m.state_dict()) for n, m in (("net", net), ("other", other),

@@ -43,33 +43,33 @@ def batches(cfg):
     return out
 
 
-def train(rank: int, world: int, sync_bn: bool) -> dict[str, torch.Tensor]:
+def train(rank: int, world: int, sync_bn: bool, ddp: bool = False) -> dict[str, torch.Tensor]:
     cfg = config()
     torch.manual_seed(cfg.train.seed)
     model = VAEGAN(cfg.model)
-    enc, dec, dis = distributed.wrap(model, torch.device("cpu"), sync_bn=sync_bn)
-    step = TrainStep(enc, dec, dis, cfg, "cpu", mean_across_ranks=distributed.mean)
+    nets = distributed.wrap(model, torch.device("cpu"), sync_bn=sync_bn, ddp=ddp)
+    step = TrainStep(*nets, cfg, "cpu", mean_across_ranks=distributed.exchange(nets))
     part = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
     for x, eps, z_p in batches(cfg):
         step(x[part], noise=(eps[part], z_p[part]))
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _rank(rank: int, world: int, port: int, sync_bn: bool, out: str) -> None:
+def _rank(rank: int, world: int, port: int, sync_bn: bool, ddp: bool, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        state = train(rank, world, sync_bn)
+        state = train(rank, world, sync_bn, ddp)
         if rank == 0:
             torch.save(state, out)
     finally:
         dist.destroy_process_group()
 
 
-def two_ranks(tmp_path, sync_bn: bool) -> dict[str, torch.Tensor]:
-    out = str(tmp_path / f"rank0-sync{sync_bn}.pt")
-    mp.spawn(_rank, args=(2, free_port(), sync_bn, out), nprocs=2, join=True)
+def two_ranks(tmp_path, sync_bn: bool, ddp: bool = False) -> dict[str, torch.Tensor]:
+    out = str(tmp_path / f"rank0-sync{sync_bn}-ddp{ddp}.pt")
+    mp.spawn(_rank, args=(2, free_port(), sync_bn, ddp, out), nprocs=2, join=True)
     return torch.load(out)
 
 
@@ -79,8 +79,10 @@ def max_difference(a: dict, b: dict) -> float:
 
 @pytest.mark.slow
 def test_two_ranks_with_sync_bn_match_one_process_on_the_global_batch(tmp_path):
+    """Both ways the ranks exchange gradients: one all-reduce of everything after the
+    backward passes (CPUs), and DDP's hooks during them (GPUs; here on gloo)."""
     one = train(0, 1, sync_bn=False)
-    synced = two_ranks(tmp_path, sync_bn=True)
-    assert max_difference(synced, one) < 1e-4
+    assert max_difference(two_ranks(tmp_path, sync_bn=True), one) < 1e-4
+    assert max_difference(two_ranks(tmp_path, sync_bn=True, ddp=True), one) < 1e-4
     # the comparison has teeth: per-rank batch statistics give other weights
     assert max_difference(two_ranks(tmp_path, sync_bn=False), one) > 1e-3

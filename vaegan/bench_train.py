@@ -15,8 +15,7 @@ the same global batch, precision and layout, workers x threads threads). Reporte
                         and Ray's report barrier), eval, logging, images, checkpoint
     share               the same as shares of the timed window's wall time
     allreduce_ms        one all-reduce of the three networks' gradients between two local
-                        gloo processes (what DDP exchanges per step; measured apart, since
-                        inside the step it overlaps the backward)
+                        gloo processes (what the ranks exchange per step; measured apart)
     cores               where the machine's CPU time went over the timed window, in cores
                         busy (`CpuSampler`): the training workers, their data loaders, Ray's
                         own processes (raylet, GCS, dashboard, Train's controller and helper

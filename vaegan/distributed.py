@@ -1,14 +1,21 @@
 """The only module that touches torch.distributed and DDP.
 
 Ray Train has already created the process group (gloo on CPU, nccl on GPU) when the worker
-loop starts; here we wrap the networks and reduce scalars. Each network gets its own DDP
-wrapper: a single wrapper whose forward used only some parameters would break the next
-step (docs/method.md#pitfalls), and the step routes different gradients into each network.
+loop starts; here the ranks agree on their gradients and scalars.
+
+Each step exchanges gradients once. On GPUs each network gets its own DDP wrapper, whose
+all-reduce runs on NCCL's stream while the backward goes on (a single wrapper whose forward
+used only some parameters would break the next step, docs/method.md#pitfalls, and the step
+routes different gradients into each network). On CPUs overlap buys nothing, since gloo's
+copies take the cores the backward needs, while every collective is a point where a rank
+that the OS paused holds up the others: there the networks stay bare and `exchange`
+all-reduces their gradients and the step's scalars in one collective (docs/results.md).
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -21,27 +28,55 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def wrap(model: VAEGAN, device: torch.device, sync_bn: bool = False
+def wrap(model: VAEGAN, device: torch.device, sync_bn: bool = False, ddp: bool | None = None
          ) -> tuple[nn.Module, nn.Module, nn.Module]:
-    """(encoder, decoder, discriminator), each in its own DDP wrapper when distributed.
+    """(encoder, decoder, discriminator), ready for a distributed step: each in its own DDP
+    wrapper when `ddp` (default: on CUDA), else bare, with rank 0's weights copied to every
+    rank as DDP would, and their gradients left to `exchange`.
 
     The step runs one forward per network per step and every parameter of a network it
-    uses receives a gradient, so the defaults (no unused-parameter search) hold. Each rank
+    uses receives a gradient, so DDP's defaults (no unused-parameter search) hold. Each rank
     keeps its own batch statistics unless `sync_bn`: then batch norm normalises with the
     statistics of the global batch, and N workers compute what one would on all N batches.
     """
     nets = (model.encoder, model.decoder, model.discriminator)
     if not is_distributed():
         return nets
-    ids = [device.index] if device.type == "cuda" else None
+    ddp = device.type == "cuda" if ddp is None else ddp
     wrapped = []
     for net in nets:
         if sync_bn and device.type == "cuda":
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
         elif sync_bn:
             convert_global_batchnorm(net)
-        wrapped.append(nn.parallel.DistributedDataParallel(net, device_ids=ids))
+        if ddp:
+            net = nn.parallel.DistributedDataParallel(
+                net, device_ids=[device.index] if device.type == "cuda" else None)
+        else:
+            for t in [*net.parameters(), *net.buffers()]:
+                dist.broadcast(t.data, 0)
+        wrapped.append(net)
     return tuple(wrapped)
+
+
+def exchange(nets: Sequence[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The step's `mean_across_ranks`: called after its backward passes, it averages the
+    step's scalars over ranks and, in the same all-reduce, the gradients of the networks
+    that no DDP wrapper reduces (in place). Identity when not distributed."""
+    bare = [net for net in nets if not isinstance(net, nn.parallel.DistributedDataParallel)]
+
+    def mean_across_ranks(scalars: torch.Tensor) -> torch.Tensor:
+        if not is_distributed():
+            return scalars
+        # the same parameters have gradients on every rank: the ranks run the same passes
+        grads = [p.grad for net in bare for p in net.parameters() if p.grad is not None]
+        flat = mean(torch.cat([*(g.reshape(-1) for g in grads), scalars.to(torch.float32)]))
+        *parts, averaged = flat.split([*(g.numel() for g in grads), scalars.numel()])
+        for g, value in zip(grads, parts, strict=True):
+            g.copy_(value.view(g.shape))  # copy_ keeps g's strides (channels-last)
+        return averaged.to(scalars.dtype)
+
+    return mean_across_ranks
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):

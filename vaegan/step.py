@@ -107,9 +107,11 @@ def _params(module: nn.Module) -> list[torch.Tensor]:
 class TrainStep:
     """Owns the three optimizers and runs Algorithm 1 on a batch.
 
-    The networks may be wrapped (DDP) by the caller; the step only calls them. Under DDP,
-    `mean_across_ranks` averages the equilibrium costs so every rank takes the same
-    decision (and runs the same backward passes, which DDP requires).
+    The networks may be wrapped (DDP) by the caller; the step only calls them. In a
+    distributed run `mean_across_ranks` averages the step's scalars over ranks once the
+    gradients are in, before any optimizer steps, so every rank takes the same equilibrium
+    decision and stops on the same non-finite term; it may exchange the gradients in the
+    same collective (vaegan.distributed.exchange). Every rank runs the same backward passes.
     """
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, discriminator: nn.Module,
@@ -187,14 +189,14 @@ class TrainStep:
                           for _ in range(2))
         eps, z_p = noise
         if self._compiled is None:
-            return self._mode_fn()(x, eps, z_p, self._adversarial_weight(), attrs)
-        with torch._dynamo.config.patch(trace_autograd_ops=True):  # trace autograd.grad
-            terms, grads = self._compiled(x, eps, z_p, self._adversarial_weight(), attrs)
-        metrics = self._metrics(*terms)
-        for net, values in grads.items():  # accumulated, as the eager backward passes do
-            for p, g in zip(_params(getattr(self, net)), values, strict=True):
-                p.grad = g if p.grad is None else p.grad + g
-        return metrics
+            terms = self._mode_fn()(x, eps, z_p, self._adversarial_weight(), attrs)
+        else:
+            with torch._dynamo.config.patch(trace_autograd_ops=True):  # trace autograd.grad
+                terms, grads = self._compiled(x, eps, z_p, self._adversarial_weight(), attrs)
+            for net, values in grads.items():  # accumulated, as the eager backward passes do
+                for p, g in zip(_params(getattr(self, net)), values, strict=True):
+                    p.grad = g if p.grad is None else p.grad + g
+        return self._metrics(*terms)  # the one host sync, after every backward pass
 
     def _mode_fn(self):
         return {"vaegan": self._vaegan, "vae_dis_l": self._vaegan, "vae": self._vae,
@@ -264,8 +266,6 @@ class TrainStep:
         gan = gan_bce(logit_real, logit_recon if L.recipe == "paper" else None, logit_prior)
         attr = attribute_bce(attr_logits[:b], attrs) if attrs is not None else None
         terms = (kl, ll, torch.zeros(()), gan, logit_real, logit_recon, logit_prior, attr)
-        if sink is None:  # eager: one host sync, before any backward (and any DDP exchange)
-            metrics = self._metrics(*terms)
 
         # (1) L_llike -> gradient at the fakes through Dis's first l layers only (all of Dis
         #     with loss.attribute_llike). Dis's weights receive nothing: Dis_l is a fixed
@@ -294,7 +294,7 @@ class TrainStep:
         #     then through the reparameterisation into Enc.
         (g_z,) = torch.autograd.grad(fake, z_in, g_ll)
         self._backward([kl, z], [torch.full_like(kl, L.kl_weight), g_z[:b]], ("enc",), sink=sink)
-        return metrics if sink is None else terms
+        return terms
 
     def _vae(self, x: torch.Tensor, eps: torch.Tensor, z_p: torch.Tensor, adv: torch.Tensor,
              attrs: torch.Tensor | None = None, sink: dict | None = None):
@@ -307,10 +307,8 @@ class TrainStep:
         ll = llike_pixel(x, x_recon)
         zero = torch.zeros(())
         terms = (kl, zero, ll, zero, None, None, None, None)
-        if sink is None:
-            metrics = self._metrics(*terms)
         self._backward(self.cfg.loss.kl_weight * kl + ll, None, ("enc", "dec"), sink=sink)
-        return metrics if sink is None else terms
+        return terms
 
     def _gan(self, x: torch.Tensor, eps: torch.Tensor, z_p: torch.Tensor, adv: torch.Tensor,
              attrs: torch.Tensor | None = None, sink: dict | None = None):
@@ -325,8 +323,6 @@ class TrainStep:
         zero = torch.zeros(())
         attr = attribute_bce(attr_logits[:b], attrs) if attrs is not None else None
         terms = (zero, zero, zero, gan, logit_real, None, logit_prior, attr)
-        if sink is None:
-            metrics = self._metrics(*terms)
         ns = L.generator == "nonsaturating"
         g_gan = self._dis_backward(gan, attr, fake_in, ns, sink)
         if ns:
@@ -334,7 +330,7 @@ class TrainStep:
         else:
             g_adv = -g_gan
         self._backward(x_p, g_adv, ("dec",), sink=sink)
-        return metrics if sink is None else terms
+        return terms
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -380,8 +376,9 @@ class TrainStep:
 
     def _metrics(self, kl, ll_dis, ll_pix, gan, logit_real, logit_recon,
                  logit_prior, attr) -> StepMetrics:
-        """All scalars in one host sync; raises on a non-finite term; applies the
-        equilibrium rule (on costs averaged across ranks, so all ranks agree)."""
+        """All scalars in one host sync, averaged over ranks (`mean_across_ranks`, after the
+        backward passes); raises on a non-finite term; applies the equilibrium rule (on the
+        averaged costs, so all ranks agree)."""
         def d(logit):  # mean Dis(.) = mean sigmoid(logit)
             return torch.sigmoid(logit.detach().float()).mean() if logit is not None else zero
 
@@ -395,8 +392,8 @@ class TrainStep:
         ])
         terms = torch.stack([t.detach().float().to(self.device) if t is not None else zero
                              for t in (kl, ll_dis, ll_pix, gan, attr)])
-        scalars = torch.cat([terms, torch.stack([d(logit_real), d(logit_recon), d(logit_prior)]),
-                             self.mean_across_ranks(costs)]).tolist()
+        scalars = self.mean_across_ranks(torch.cat([
+            terms, torch.stack([d(logit_real), d(logit_recon), d(logit_prior)]), costs])).tolist()
         kl_, ll_dis_, ll_pix_, gan_, attr_, d_real, d_recon, d_prior, real_cost, fake_cost = scalars
         for name, value in (("kl_prior", kl_), ("llike_dis_l", ll_dis_),
                             ("llike_pixel", ll_pix_), ("gan_bce", gan_), ("attribute_bce", attr_)):

@@ -24,6 +24,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,7 +41,7 @@ from vaegan.checkpoint import (
     read_state,
     save_checkpoint,
 )
-from vaegan.config import Config, config_from_dict, redact_text
+from vaegan.config import Config, ConfigError, config_from_dict, redact_text
 from vaegan.ema import EMA
 from vaegan.errors import UserError
 from vaegan.images import grid_image
@@ -201,9 +202,9 @@ def set_up(config: dict) -> Worker:
             cfg.train.steps = state.step
     base_lr = (cfg.optim.lr, cfg.optim.lr_final)
     cfg.optim.lr, cfg.optim.lr_final = (lr * state.lr_scale for lr in base_lr)  # earlier rollbacks
-    enc, dec, dis = distributed.wrap(model, device, cfg.train.sync_bn)
-    guard = _FiniteGuard(model, device)
-    step = TrainStep(enc, dec, dis, cfg, device, mean_across_ranks=guard.mean_across_ranks)
+    nets = distributed.wrap(model, device, cfg.train.sync_bn)
+    guard = _FiniteGuard(model, device, distributed.exchange(nets))
+    step = TrainStep(*nets, cfg, device, mean_across_ranks=guard.mean_across_ranks)
     initial_trainer = copy.deepcopy(step.state_dict())
     if trainer_state:
         step.load_state_dict(trainer_state)
@@ -399,21 +400,19 @@ def run_progress(T, state: TrainState) -> float:
 
 class Divergence(NonFiniteLossError):
     """Non-finite values on some rank, raised on every rank at the same point of the same
-    step, before any gradient is exchanged, so that all ranks roll back together."""
+    step, before any optimizer steps, so that all ranks roll back together."""
 
 
 class _FiniteGuard:
     """Watches this rank's networks for non-finite outputs (forward hooks, in training mode)
-    and folds the verdict into the one collective the step makes before its backward passes
-    (the averaging of the equilibrium costs, `mean_across_ranks`): if any rank saw NaN or
-    inf, every rank raises Divergence there.
+    and folds the verdict into the one collective each step makes once its gradients are in
+    (`exchange`: the step's scalars, and on CPUs the gradients): if any rank saw NaN or inf
+    in a network's output or in a loss term, every rank raises Divergence there, before any
+    weight is touched."""
 
-    The step's own check of the loss terms comes after that collective, on each rank alone:
-    a term that overflows while every network output is finite still raises on one rank
-    only, and Ray restarts the worker group from the last checkpoint (train.max_failures)."""
-
-    def __init__(self, model: VAEGAN, device: torch.device):
-        self.device = device
+    def __init__(self, model: VAEGAN, device: torch.device,
+                 exchange: Callable[[torch.Tensor], torch.Tensor]):
+        self.device, self.exchange = device, exchange
         self.bad = torch.zeros((), device=device)
         for net in (model.encoder, model.decoder, model.discriminator):
             net.register_forward_hook(self._hook)
@@ -425,15 +424,13 @@ class _FiniteGuard:
             if torch.is_tensor(out) and out.is_floating_point():  # no host sync here
                 self.bad = self.bad + (~torch.isfinite(out.detach())).any()
 
-    def mean_across_ranks(self, costs: torch.Tensor) -> torch.Tensor:
-        from vaegan import distributed
-
-        both = torch.cat([costs.float(), self.bad.reshape(1).to(costs.device, torch.float32)])
+    def mean_across_ranks(self, scalars: torch.Tensor) -> torch.Tensor:
+        both = torch.cat([scalars.float(), self.bad.reshape(1).to(scalars.device, torch.float32)])
         self.bad = torch.zeros((), device=self.device)
-        both = distributed.mean(both)
+        both = self.exchange(both)
         if not bool(torch.isfinite(both).all()) or both[-1].item() > 0:
-            raise Divergence("non-finite values in a forward pass")
-        return both[:-1].to(costs.dtype)
+            raise Divergence("non-finite values in a forward pass or a loss term")
+        return both[:-1].to(scalars.dtype)
 
     def check_weights(self, model: VAEGAN) -> None:
         from vaegan import distributed
@@ -818,6 +815,9 @@ def _fit(cfg: Config) -> FitResult:
     from vaegan.tracking import resolve_tracking_uri
 
     T = cfg.train
+    if T.compile and T.num_workers > 1:  # its gradients are values, not DDP's accumulated ones
+        raise ConfigError(f"train.compile=true runs the step on one worker; train.num_workers="
+                          f"{T.num_workers} is not allowed with it (set train.num_workers=1)")
     cfg.data.shards = resolve_data(cfg)
     if cfg.loss.attribute_weight or cfg.model.dis_attributes:
         resolve_attribute_head(cfg, binary_attributes(cfg.data.shards, cfg.data.s3_endpoint))
