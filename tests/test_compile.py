@@ -86,3 +86,13 @@ def test_compile_refuses_ddp_wrapped_networks(debug_cfg, monkeypatch):
     model = VAEGAN(debug_cfg.model)
     with pytest.raises(ValueError, match="one worker"):
         TrainStep(FakeDDP(model.encoder), model.decoder, model.discriminator, debug_cfg)
+
+
+def test_training_refuses_compile_with_several_workers(debug_cfg):
+    """Refused with the keys to change before any Ray worker starts (vaegan train and tune)."""
+    from vaegan.config import ConfigError
+    from vaegan.train import build_trainer
+
+    debug_cfg.train.compile, debug_cfg.train.num_workers = True, 2
+    with pytest.raises(ConfigError, match=r"train.compile=true .* train.num_workers=2 .*num_workers=1"):
+        build_trainer(debug_cfg, "run", "uri", "", storage=None)

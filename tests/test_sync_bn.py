@@ -1,4 +1,4 @@
-"""Two DDP ranks with synchronised batch norm compute what one process computes on the whole
+"""Two ranks with synchronised batch norm compute what one process computes on the whole
 batch: after a few steps of Algorithm 1 the weights agree (gloo on the CPU, no Ray).
 
 This is what makes adding workers a pure speed-up: with per-rank batch statistics the
@@ -60,17 +60,19 @@ def _rank(rank: int, world: int, port: int, sync_bn: bool, ddp: bool, out: str) 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        state = train(rank, world, sync_bn, ddp)
-        if rank == 0:
-            torch.save(state, out)
+        torch.save(train(rank, world, sync_bn, ddp), out.format(rank=rank))
     finally:
         dist.destroy_process_group()
 
 
 def two_ranks(tmp_path, sync_bn: bool, ddp: bool = False) -> dict[str, torch.Tensor]:
-    out = str(tmp_path / f"rank0-sync{sync_bn}-ddp{ddp}.pt")
+    """Rank 0's weights, after checking that rank 1 holds the same (the ranks stepped alike)."""
+    out = str(tmp_path / f"rank{{rank}}-sync{sync_bn}-ddp{ddp}.pt")
     mp.spawn(_rank, args=(2, free_port(), sync_bn, ddp, out), nprocs=2, join=True)
-    return torch.load(out)
+    rank0, rank1 = (torch.load(out.format(rank=r)) for r in range(2))
+    weights = [k for k in rank0 if "running" not in k and "num_batches" not in k]  # BN stats: per rank
+    assert max_difference({k: rank0[k] for k in weights}, {k: rank1[k] for k in weights}) < 1e-6
+    return rank0
 
 
 def max_difference(a: dict, b: dict) -> float:

@@ -31,8 +31,11 @@ def is_distributed() -> bool:
 def wrap(model: VAEGAN, device: torch.device, sync_bn: bool = False, ddp: bool | None = None
          ) -> tuple[nn.Module, nn.Module, nn.Module]:
     """(encoder, decoder, discriminator), ready for a distributed step: each in its own DDP
-    wrapper when `ddp` (default: on CUDA), else bare, with rank 0's weights copied to every
-    rank as DDP would, and their gradients left to `exchange`.
+    wrapper when `ddp` (default: on CUDA), else bare, with rank 0's weights and buffers copied
+    to every rank once (as DDP does at wrapping) and their gradients left to `exchange`. Bare,
+    the batch-norm running statistics then stay each rank's own (DDP copies rank 0's to the
+    others before every forward); rank 0's, the ones checkpointed and evaluated, are the same
+    either way: its own batches'.
 
     The step runs one forward per network per step and every parameter of a network it
     uses receives a gradient, so DDP's defaults (no unused-parameter search) hold. Each rank
@@ -70,7 +73,9 @@ def exchange(nets: Sequence[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor
             return scalars
         # the same parameters have gradients on every rank: the ranks run the same passes
         grads = [p.grad for net in bare for p in net.parameters() if p.grad is not None]
-        flat = mean(torch.cat([*(g.reshape(-1) for g in grads), scalars.to(torch.float32)]))
+        flat = torch.cat([*(g.reshape(-1) for g in grads), scalars.to(torch.float32)])
+        dist.all_reduce(flat)  # on the tensors' device: CPU for gloo, CUDA for NCCL
+        flat.div_(dist.get_world_size())
         *parts, averaged = flat.split([*(g.numel() for g in grads), scalars.numel()])
         for g, value in zip(grads, parts, strict=True):
             g.copy_(value.view(g.shape))  # copy_ keeps g's strides (channels-last)

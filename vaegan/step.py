@@ -34,8 +34,8 @@ g_gan an x~ part; both are routed. Single device: no Ray, MLflow or torch.distri
 
 train.compile=true runs the same phases as one pure function under torch.compile: each
 backward pass then returns its gradients (torch.autograd.grad, which the compiler traces)
-instead of accumulating them into .grad (see `_backward`). One worker only: DDP all-reduces
-gradients as they are accumulated.
+instead of accumulating them into .grad (see `_backward`). One worker only: on GPUs DDP
+all-reduces gradients as they are accumulated, which the compiled step's never are.
 """
 
 from __future__ import annotations
@@ -218,8 +218,8 @@ class TrainStep:
     def _backward(self, tensors, grad_tensors, nets: tuple[str, ...], inputs=(),
                   retain_graph: bool = False, sink: dict | None = None) -> list[torch.Tensor]:
         """One backward traversal: the gradient into the parameters of `nets` and at the
-        leaves `inputs` (returned). Eager (sink None): accumulated into .grad, so DDP's hooks
-        all-reduce it. Compiled: torch.autograd.grad (what torch.compile traces), the
+        leaves `inputs` (returned). Eager (sink None): accumulated into .grad (where DDP's hooks,
+        on GPUs, all-reduce it). Compiled: torch.autograd.grad (what torch.compile traces), the
         parameter gradients put into `sink` by network name."""
         params = [_params(getattr(self, n)) for n in nets]
         flat = [p for ps in params for p in ps]

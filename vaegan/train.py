@@ -777,10 +777,15 @@ def build_trainer(cfg: Config, run_id: str, uri: str, featurizer: str, storage: 
     """The TorchTrainer of one training run named `cfg.train.name`, everything resolved (data,
     featurizer, storage, MLflow run). `fit` runs one; a Tune driver builds one per trial
     (with Tune's report callback, and `register=False`)."""
+    T = cfg.train
+    # Before any worker starts (fit and tune both come here): the compiled step is tested on one
+    # worker, and on GPUs its gradients, returned rather than accumulated, would bypass DDP.
+    if T.compile and T.num_workers > 1:
+        raise ConfigError(f"train.compile=true runs the step on one worker; train.num_workers="
+                          f"{T.num_workers} is not allowed with it (set train.num_workers=1)")
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    T = cfg.train
     # Ray Train V2's controller takes a worker's report off its one-slot queue when it polls,
     # every 2 s by default, and the next report blocks until then: at log_every steps shorter
     # than that, every report stalled every rank for up to 2 s (docs/platform.md). Read from
@@ -815,9 +820,6 @@ def _fit(cfg: Config) -> FitResult:
     from vaegan.tracking import resolve_tracking_uri
 
     T = cfg.train
-    if T.compile and T.num_workers > 1:  # its gradients are values, not DDP's accumulated ones
-        raise ConfigError(f"train.compile=true runs the step on one worker; train.num_workers="
-                          f"{T.num_workers} is not allowed with it (set train.num_workers=1)")
     cfg.data.shards = resolve_data(cfg)
     if cfg.loss.attribute_weight or cfg.model.dis_attributes:
         resolve_attribute_head(cfg, binary_attributes(cfg.data.shards, cfg.data.s3_endpoint))
