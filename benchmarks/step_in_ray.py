@@ -10,30 +10,17 @@ No Ray Train, no data reader, no MLflow: if the two agree, what slows the step i
 from __future__ import annotations
 
 import argparse
-import time
 
 import ray
-import torch
+
+from vaegan.bench_train import bare_step
+from vaegan.config import load_config
 
 
-def bare(preset: str = "mnist32", threads: int = 2, steps: int = 30, warmup: int = 5) -> float:
-    from vaegan.config import load_config
-    from vaegan.model import VAEGAN
-    from vaegan.step import TrainStep
-
-    torch.set_num_threads(threads)
+def bare(preset: str) -> float:
+    """`vaegan bench train`'s bare step: the preset's batch, 2 threads, 30 steps after 5."""
     cfg = load_config(preset)
-    torch.manual_seed(0)
-    layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    model = VAEGAN(cfg.model).to(memory_format=layout)
-    step = TrainStep.for_model(model, cfg)
-    m, b = cfg.model, cfg.data.batch_size
-    x = (torch.rand(b, m.channels, m.image_size, m.image_size) * 2 - 1).to(memory_format=layout)
-    for i in range(warmup + steps):
-        if i == warmup:
-            start = time.perf_counter()
-        step(x)
-    return b * steps / (time.perf_counter() - start)
+    return bare_step(cfg, cfg.data.batch_size, threads=2, steps=30, warmup=5)
 
 
 def main() -> None:
