@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from vaegan.allocator import keep_freed_memory
 from vaegan.config import Config, load_config
 from vaegan.errors import UserError
 from vaegan.losses import gan_bce, kl_prior, llike_dis_l
@@ -166,6 +167,7 @@ def bench_step(preset: str = "celeba64", overrides: list[str] | None = None, ste
     the row's step times over their median."""
     cfg = check_benchable(load_config(preset, overrides=overrides or []))
     dev = resolve_bench_device(device)
+    keep_freed_memory()  # as the training workers do
     if dev.type == "cuda":  # fixed shapes: let cuDNN pick its kernels, as training does
         torch.backends.cudnn.benchmark = True
     m = cfg.model

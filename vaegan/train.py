@@ -179,12 +179,14 @@ def set_up(config: dict) -> Worker:
     import ray.train.torch
 
     from vaegan import distributed
+    from vaegan.allocator import keep_freed_memory
     from vaegan.cluster import node_id
     from vaegan.step import TrainStep
     from vaegan.tracking import MlflowLogger, NullLogger
 
     cfg = config_from_dict(config["cfg"])
     quiet_ray_train_reports()
+    keep_freed_memory()  # no page faults for each step's buffers (vaegan.allocator)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -232,6 +234,8 @@ def set_up(config: dict) -> Worker:
         w.fixed_z = fixed_z.to(device)
         w.real = held_out[:16].to(device)
         if cfg.model.latent_mixture and cfg.loss.mode != "gan":  # a GAN's encoder is never trained
+            import sklearn.mixture  # noqa: F401  2-3 s of imports: here, not at the first fit, where every rank waits
+
             from vaegan.latent import FIT_IMAGES
 
             w.fit_images = read_split(cfg.data.shards, FIT_IMAGES, "train", s3_endpoint=cfg.data.s3_endpoint,
