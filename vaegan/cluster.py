@@ -35,6 +35,7 @@ from vaegan.errors import UserError
 
 DEFAULT_STORAGE = "runs"  # relative to where the driver starts; made absolute
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's State API clients look first
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # off on a local Ray (`connect`)
 _started_gcs: str | None = None  # the GCS address of the local Ray that `connect` started, if any
 _started_api_server: str | None = None  # API_SERVER_ENV before `connect` set it
 
@@ -66,9 +67,14 @@ def connect(cpus_needed: float = 1, *, min_cpus: int = 0) -> None:
     port = free_port()
     _started_api_server = os.environ.get(API_SERVER_ENV)
     os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+    # Nothing preempts the nodes of a local Ray (they are this machine): Ray Train's preemption
+    # watcher, an actor per run polling for drain notices, would only take its share of the
+    # cores and log an error line at every start (ray-project/ray#53727). A user's value wins.
+    env_vars = {} if PREEMPTION_WATCHER_ENV in os.environ else {PREEMPTION_WATCHER_ENV: "0"}
     ray.init(address="local", num_cpus=max(min_cpus, os.cpu_count() or 1, math.ceil(cpus_needed)),
              include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=True,
-             runtime_env={"worker_process_setup_hook": "vaegan.cluster.quiet_local_worker"})
+             runtime_env={"worker_process_setup_hook": "vaegan.cluster.quiet_local_worker",
+                          "env_vars": env_vars})
     _started_gcs = ray.get_runtime_context().gcs_address
 
 
