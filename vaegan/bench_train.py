@@ -47,10 +47,12 @@ def bare_step(cfg: Config, batch: int, threads: int, steps: int, warmup: int,
               device: torch.device | str = "cpu") -> float:
     """Images/s of TrainStep alone on random in-memory batches of `batch`, `threads` threads,
     on `device`."""
+    from vaegan.allocator import keep_freed_memory
     from vaegan.bench import synchronize
     from vaegan.model import VAEGAN
     from vaegan.step import TrainStep
 
+    keep_freed_memory()  # as the training workers do
     device = torch.device(device)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -203,66 +205,66 @@ def bench_train(preset: str = "mnist32", overrides: list[str] | None = None, *, 
     from vaegan.step import resolve_precision
     from vaegan.train import fit
 
-    tmp = tempfile.mkdtemp(prefix="vaegan-bench-train-")
-    base = [f"train.storage_path={tmp}/runs", f"tracking.tracking_uri=sqlite:///{tmp}/mlflow.db",
-            "train.log_every=10"]
-    cfg = load_config(preset, overrides=[*base, *(overrides or []), f"train.num_workers={workers}",
-                                         f"train.cpus_per_worker={threads}", f"train.steps={steps}",
-                                         f"train.name=bench-{int(time.time())}"])
-    check_benchable(cfg)  # before the bare step, which has no labels for the attribute head
-    global_batch = workers * cfg.data.batch_size
-    # On GPUs the yardstick is one GPU (the bare step at one worker's batch), times the workers.
-    device = torch.device("cuda" if cfg.train.use_gpu else "cpu")
-    per_device = cfg.data.batch_size if cfg.train.use_gpu else global_batch
-    def bare_now() -> float:
-        return bare_step(cfg, per_device, workers * threads, steps=max(5, steps // 10), warmup=3,
-                         device=device) * (workers if cfg.train.use_gpu else 1)
+    # its runs, checkpoints and MLflow store are read back below, then removed
+    with tempfile.TemporaryDirectory(prefix="vaegan-bench-train-") as tmp:
+        base = [f"train.storage_path={tmp}/runs", f"tracking.tracking_uri=sqlite:///{tmp}/mlflow.db",
+                "train.log_every=10"]
+        cfg = load_config(preset, overrides=[*base, *(overrides or []), f"train.num_workers={workers}",
+                                             f"train.cpus_per_worker={threads}", f"train.steps={steps}",
+                                             f"train.name=bench-{int(time.time())}"])
+        check_benchable(cfg)  # before the bare step, which has no labels for the attribute head
+        global_batch = workers * cfg.data.batch_size
+        # On GPUs the yardstick is one GPU (the bare step at one worker's batch), times the workers.
+        device = torch.device("cuda" if cfg.train.use_gpu else "cpu")
+        per_device = cfg.data.batch_size if cfg.train.use_gpu else global_batch
+        def bare_now() -> float:
+            return bare_step(cfg, per_device, workers * threads, steps=max(5, steps // 10), warmup=3,
+                             device=device) * (workers if cfg.train.use_gpu else 1)
 
-    before = bare_now()
-    with CpuSampler() as cpu:
-        res = fit(cfg)
-    bare = statistics.mean([before, bare_now()])  # before and after: these machines drift
-    client = mlflow.MlflowClient(res.tracking_uri)
+        before = bare_now()
+        with CpuSampler() as cpu:
+            res = fit(cfg)
+        bare = statistics.mean([before, bare_now()])  # before and after: these machines drift
+        client = mlflow.MlflowClient(res.tracking_uri)
 
-    def history(name: str) -> dict[int, float]:
-        return {m.step: m.value for m in client.get_metric_history(res.mlflow_run_id, name)}
+        def history(name: str) -> dict[int, float]:
+            return {m.step: m.value for m in client.get_metric_history(res.mlflow_run_id, name)}
 
-    reports = client.get_metric_history(res.mlflow_run_id, "images_per_s")
-    rates = {m.step: m.value for m in reports if m.step > warmup}
-    if not rates:
-        raise ValueError(f"no report after the warm-up of {warmup} steps; raise --steps above it")
-    # Each report covers the steps since the one before; its images over its seconds.
-    reported = sorted(m.step for m in reports)
-    spans = {s: s - prev for prev, s in zip([0, *reported], reported, strict=False) if s in rates}
-    seconds = sum(spans[s] * global_batch / rates[s] for s in rates)
-    counted = sum(spans.values())  # the steps timed
-    end_to_end = counted * global_batch / seconds
-    # The timed window on the wall clock (rank 0 logs each report when it is made): it ends
-    # at the last report and lasts the counted windows' seconds.
-    window_end = max(m.timestamp for m in reports) / 1000
-    cores = cpu.cores(window_end - seconds, window_end)
-    per_step, share = {}, {}
-    for phase in PHASES:  # each report's seconds per step, times its steps: the phase's seconds
-        h = history(f"time_{phase}")
-        total = sum(h[s] * spans[s] for s in spans if s in h)
-        if total:  # averaged over every counted step: rare events (eval, checkpoints) too
-            per_step[phase] = 1000 * total / counted
-            share[phase] = total / seconds
-    grads = param_count(VAEGAN(cfg.model))
-    allreduce = allreduce_seconds(grads) if workers > 1 else 0.0
-    return {
-        "preset": preset, "workers": workers, "threads_per_worker": threads, "global_batch": global_batch,
-        "precision": resolve_precision(cfg.train.precision, device), "device": device.type,
-        "channels_last": cfg.train.channels_last, "steps": steps,
-        "warmup": warmup, "images_per_s": round(end_to_end, 1), "bare_images_per_s": round(bare, 1),
-        "ratio": round(end_to_end / bare, 3) if bare else math.nan,
-        "per_step_ms": {k: round(v, 2) for k, v in per_step.items()},
-        "share": {k: round(v, 4) for k, v in share.items()},
-        "bare_step_ms": round(1000 * global_batch / bare, 2),
-        "allreduce_ms": round(1000 * allreduce, 2), "gradients": grads,
-        "cores": {g: round(c, 3) for g, c in cores.items()}, "machine_cores": os.cpu_count(),
-        "mlflow_run": res.mlflow_run_id,
-    }
+        reports = client.get_metric_history(res.mlflow_run_id, "images_per_s")
+        rates = {m.step: m.value for m in reports if m.step > warmup}
+        if not rates:
+            raise ValueError(f"no report after the warm-up of {warmup} steps; raise --steps above it")
+        # Each report covers the steps since the one before; its images over its seconds.
+        reported = sorted(m.step for m in reports)
+        spans = {s: s - prev for prev, s in zip([0, *reported], reported, strict=False) if s in rates}
+        seconds = sum(spans[s] * global_batch / rates[s] for s in rates)
+        counted = sum(spans.values())  # the steps timed
+        end_to_end = counted * global_batch / seconds
+        # The timed window on the wall clock (rank 0 logs each report when it is made): it ends
+        # at the last report and lasts the counted windows' seconds.
+        window_end = max(m.timestamp for m in reports) / 1000
+        cores = cpu.cores(window_end - seconds, window_end)
+        per_step, share = {}, {}
+        for phase in PHASES:  # each report's seconds per step, times its steps: the phase's seconds
+            h = history(f"time_{phase}")
+            total = sum(h[s] * spans[s] for s in spans if s in h)
+            if total:  # averaged over every counted step: rare events (eval, checkpoints) too
+                per_step[phase] = 1000 * total / counted
+                share[phase] = total / seconds
+        grads = param_count(VAEGAN(cfg.model))
+        allreduce = allreduce_seconds(grads) if workers > 1 else 0.0
+        return {
+            "preset": preset, "workers": workers, "threads_per_worker": threads, "global_batch": global_batch,
+            "precision": resolve_precision(cfg.train.precision, device), "device": device.type,
+            "channels_last": cfg.train.channels_last, "steps": steps,
+            "warmup": warmup, "images_per_s": round(end_to_end, 1), "bare_images_per_s": round(bare, 1),
+            "ratio": round(end_to_end / bare, 3) if bare else math.nan,
+            "per_step_ms": {k: round(v, 2) for k, v in per_step.items()},
+            "share": {k: round(v, 4) for k, v in share.items()},
+            "bare_step_ms": round(1000 * global_batch / bare, 2),
+            "allreduce_ms": round(1000 * allreduce, 2), "gradients": grads,
+            "cores": {g: round(c, 3) for g, c in cores.items()}, "machine_cores": os.cpu_count(),
+        }
 
 
 def format_report(r: dict) -> str:
