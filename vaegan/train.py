@@ -790,6 +790,8 @@ def build_trainer(cfg: Config, run_id: str, uri: str, featurizer: str, storage: 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from vaegan.allocator import ONE_ARENA
+
     # Ray Train V2's controller takes a worker's report off its one-slot queue when it polls,
     # every 2 s by default, and the next report blocks until then: at log_every steps shorter
     # than that, every report stalled every rank for up to 2 s (docs/platform.md). Read from
@@ -806,7 +808,8 @@ def build_trainer(cfg: Config, run_id: str, uri: str, featurizer: str, storage: 
         run_config=RunConfig(
             name=T.name, storage_path=storage.path, storage_filesystem=storage.filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=T.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=T.max_failures), callbacks=callbacks),
+            failure_config=FailureConfig(max_failures=T.max_failures), callbacks=callbacks,
+            worker_runtime_env={"env_vars": dict(ONE_ARENA)}),  # see vaegan.allocator
     )
 
 
