@@ -234,7 +234,8 @@ def set_up(config: dict) -> Worker:
         w.fixed_z = fixed_z.to(device)
         w.real = held_out[:16].to(device)
         if cfg.model.latent_mixture and cfg.loss.mode != "gan":  # a GAN's encoder is never trained
-            import sklearn.mixture  # noqa: F401  2-3 s of imports: here, not at the first fit, where every rank waits
+            # 2-3 s of imports: here, not at the first fit, where every rank waits for rank 0
+            import sklearn.mixture  # noqa: F401
 
             from vaegan.latent import FIT_IMAGES
 
