@@ -169,6 +169,22 @@ def test_sigkilled_workers_lose_nothing_and_register_once(tmp_path, mnist_shards
 # Divergence
 
 
+def test_the_steps_one_collective_carries_the_divergence_flag_and_the_ranks_clock():
+    """Two ranks, simulated: `exchange` averages this rank's vector with a peer's. The guard
+    appends this rank's clock and its non-finite flag to the step's scalars; every rank gets
+    the scalars' and the clocks' means back, and a flag raised on the peer alone stops it."""
+    from vaegan.train import Divergence, _FiniteGuard
+
+    peer = torch.tensor([3.0, 4.0, 20.0, 0.0])  # the peer's two scalars, its clock, no NaN seen
+    guard = _FiniteGuard(VAEGAN(load_config("debug").model), torch.device("cpu"), lambda t: (t + peer) / 2)
+    guard.clock = lambda: 10.0
+    assert guard.mean_across_ranks(torch.tensor([1.0, 2.0])).tolist() == [2.0, 3.0]
+    assert guard.agreed_seconds == 15.0
+    peer[-1] = 1.0  # the peer saw a NaN in a forward pass
+    with pytest.raises(Divergence, match="non-finite values"):
+        guard.mean_across_ranks(torch.tensor([1.0, 2.0]))
+
+
 @pytest.mark.slow
 def test_a_nan_on_one_rank_rolls_every_rank_back_with_a_lower_lr(tmp_path, mnist_shards, mlflow_server,
                                                                  ray_local, monkeypatch):

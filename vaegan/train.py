@@ -335,7 +335,6 @@ def announce(w: Worker) -> None:
 def loop(w: Worker, config: dict) -> None:
     """Epochs of this rank's shard partition until train.steps; every rank does the same
     number of steps and reports (a report is a barrier, and DDP needs the same backwards)."""
-    from vaegan import distributed
     from vaegan.data import make_loader
 
     cfg, T = w.cfg, w.cfg.train
@@ -349,6 +348,8 @@ def loop(w: Worker, config: dict) -> None:
     clock = time.perf_counter()  # train.minutes counts the loop's wall-clock time
     if T.minutes:
         w.step.progress = run_progress(T, w.state)
+        # this rank's seconds at the step's exchange, which averages them over the ranks
+        w.guard.clock = lambda: w.state.trained_seconds + (time.perf_counter() - clock)
     while w.state.step < T.steps:
         state = w.state  # a rollback replaces it
         # After a rollback the data order and the noise change too, so the retried steps
@@ -375,14 +376,14 @@ def loop(w: Worker, config: dict) -> None:
                 w.ema.update(w.model)
             state.step += 1
             state.batch += 1
-            state.trained_seconds += time.perf_counter() - clock
-            clock = time.perf_counter()
             if T.minutes:  # one clock for all ranks (their own differ a little), so they stop together
-                state.trained_seconds = float(distributed.mean(torch.tensor([state.trained_seconds],
-                                                                            dtype=torch.float64)))
+                state.trained_seconds, clock = w.guard.agreed_seconds, w.guard.exchanged_at
                 w.step.progress = run_progress(T, state)  # the lr anneal's, identical on every rank
                 if out_of_time(T, state):
                     T.steps = state.step  # this step is the last: final checkpoint, evaluation, registration
+            else:
+                state.trained_seconds += time.perf_counter() - clock
+                clock = time.perf_counter()
             if w.rank == 0 and config.get("fault"):
                 _maybe_fail(config["fault"], state.step)
             report(w, progress, loader, register=config.get("register", True))
@@ -413,12 +414,19 @@ class _FiniteGuard:
     and folds the verdict into the one collective each step makes once its gradients are in
     (`exchange`: the step's scalars, and on CPUs the gradients): if any rank saw NaN or inf
     in a network's output or in a loss term, every rank raises Divergence there, before any
-    weight is touched."""
+    weight is touched.
+
+    With a time budget (train.minutes) the same collective also carries the ranks' clocks:
+    `clock()` is read at the exchange, and `agreed_seconds` / `exchanged_at` are then the
+    ranks' mean and this rank's time of it, so every rank sees the same clock without a
+    second collective a step."""
 
     def __init__(self, model: VAEGAN, device: torch.device,
                  exchange: Callable[[torch.Tensor], torch.Tensor]):
         self.device, self.exchange = device, exchange
         self.bad = torch.zeros((), device=device)
+        self.clock: Callable[[], float] | None = None
+        self.agreed_seconds, self.exchanged_at = 0.0, 0.0
         for net in (model.encoder, model.decoder, model.discriminator):
             net.register_forward_hook(self._hook)
 
@@ -430,12 +438,16 @@ class _FiniteGuard:
                 self.bad = self.bad + (~torch.isfinite(out.detach())).any()
 
     def mean_across_ranks(self, scalars: torch.Tensor) -> torch.Tensor:
-        both = torch.cat([scalars.float(), self.bad.reshape(1).to(scalars.device, torch.float32)])
+        # float32 like the gradients it travels with: a clock to 0.1 s over a week
+        self.exchanged_at = time.perf_counter()
+        seconds = torch.tensor([self.clock() if self.clock else 0.0], device=scalars.device)
+        both = torch.cat([scalars.float(), seconds, self.bad.reshape(1).to(scalars.device, torch.float32)])
         self.bad = torch.zeros((), device=self.device)
         both = self.exchange(both)
         if not bool(torch.isfinite(both).all()) or both[-1].item() > 0:
             raise Divergence("non-finite values in a forward pass or a loss term")
-        return both[:-1].to(scalars.dtype)
+        self.agreed_seconds = float(both[-2])
+        return both[:-2].to(scalars.dtype)
 
     def check_weights(self, model: VAEGAN) -> None:
         from vaegan import distributed
