@@ -113,6 +113,24 @@ def test_same_seed_and_epoch_give_the_same_order_and_start_batch_resumes(tmp_pat
         assert torch.equal(x1, x2) and torch.equal(a1, a2)
 
 
+@pytest.mark.parametrize("workers", [0, 3])  # 3 workers on 9 batches: each one an epoch ahead at times
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_a_loader_over_several_epochs_gives_each_epochs_batches_in_turn(tmp_path, workers):
+    """What training reads (epochs=None, its loader processes started once) is exactly one
+    loader per epoch, one after another, from a resumed batch on."""
+    shards = str(write_uneven_shards(tmp_path / "s", [10, 14, 12]))
+    kw = dict(batch_size=4, loader_workers=workers, shuffle_buffer=6, flip=True, with_attributes=True, seed=7)
+    per_epoch = [b for e in (2, 3, 4)
+                 for b in make_loader(shards, epoch=e, start_batch=5 if e == 2 else 0, **kw)]
+    assert len(per_epoch) == 4 + 9 + 9
+    stream = make_loader(shards, epoch=2, start_batch=5, epochs=None, **kw)
+    for (x1, a1), (x2, a2) in zip(per_epoch, stream, strict=False):  # the stream has no end
+        assert torch.equal(x1, x2) and torch.equal(a1, a2)
+    two = list(make_loader(shards, epoch=2, start_batch=5, epochs=2, **kw))
+    assert len(two) == 13
+    assert all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(per_epoch[:13], two, strict=True))
+
+
 def test_flip_mirrors_some_images_and_nothing_else(tmp_path, make_folder):
     src = make_folder(tmp_path / "src", 24)
     out = str(tmp_path / "shards")

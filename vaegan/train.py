@@ -334,7 +334,8 @@ def announce(w: Worker) -> None:
 
 def loop(w: Worker, config: dict) -> None:
     """Epochs of this rank's shard partition until train.steps; every rank does the same
-    number of steps and reports (a report is a barrier, and DDP needs the same backwards)."""
+    number of steps and reports (a report is a barrier, and DDP needs the same backwards).
+    One loader streams all the epochs (its processes start once); a rollback starts another."""
     from vaegan.data import make_loader
 
     cfg, T = w.cfg, w.cfg.train
@@ -354,7 +355,7 @@ def loop(w: Worker, config: dict) -> None:
         state = w.state  # a rollback replaces it
         # After a rollback the data order and the noise change too, so the retried steps
         # do not walk into the same NaN (rollbacks=0: exactly the uninterrupted run's).
-        loader = make_loader(cfg.data.shards, epoch=state.epoch, start_batch=state.batch,
+        loader = make_loader(cfg.data.shards, epoch=state.epoch, start_batch=state.batch, epochs=None,
                              seed=T.seed + 7919 * state.rollbacks, **loader_kw)
         progress.lap()
         for images in loader:
@@ -376,6 +377,8 @@ def loop(w: Worker, config: dict) -> None:
                 w.ema.update(w.model)
             state.step += 1
             state.batch += 1
+            if state.batch == len(loader):  # the stream goes on into the next epoch
+                state.epoch, state.batch = state.epoch + 1, 0
             if T.minutes:  # one clock for all ranks (their own differ a little), so they stop together
                 state.trained_seconds, clock = w.guard.agreed_seconds, w.guard.exchanged_at
                 w.step.progress = run_progress(T, state)  # the lr anneal's, identical on every rank
@@ -389,8 +392,6 @@ def loop(w: Worker, config: dict) -> None:
             report(w, progress, loader, register=config.get("register", True))
             if state.step >= T.steps:
                 break
-        else:  # the epoch ran out before the steps did
-            state.epoch, state.batch = state.epoch + 1, 0
 
 
 def out_of_time(T, state: TrainState) -> bool:

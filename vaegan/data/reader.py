@@ -5,6 +5,9 @@
         ...
     loader.corrupt_count             # corrupt/missing samples met so far in this epoch
 
+    make_loader(..., epoch=e, start_batch=k, epochs=None)   # epochs e, e+1, ... without end:
+                                     # the training loop's; its loader processes start once
+
 How samples are split, and why every rank gets the same number of batches (an uneven count
 makes the other ranks wait forever in DDP's all-reduce):
 
@@ -23,6 +26,11 @@ makes the other ranks wait forever in DDP's all-reduce):
    order is a function of (seed, epoch, world_size, rank, loader_workers, batch_size,
    shuffle_buffer) alone, so a resumed run (start_batch = k) sees batches k, k+1, ... of
    the uninterrupted one (flips included: they are seeded per batch).
+5. With `epochs` > 1 (or None: no end) each worker goes on to its block of the next epoch
+   without stopping, and the batches are those of one loader per epoch, one after another.
+   That is what training uses: forking a loader process from a trainer of a GB or more
+   costs a stall at every epoch's start (the fork, the first batch, and the trainer's pages
+   copied on its next writes: 0.3-0.4 s at mnist32), which one stream pays once.
 
 Outages are not corruption: a shard read that fails in transport (connection refused or
 reset, a timeout, a body cut short, a 5xx answer; `storage.is_transient`) is retried with
@@ -135,10 +143,11 @@ class _ShardStream(IterableDataset):
     one ("end", ...) so its final counts (corrupt samples, transport retries, seconds waited)
     reach the main process even if it has no batches to carry them."""
 
-    def __init__(self, loader: ShardLoader, order: list[tuple[str, int, int]]):
-        self.urls = {name: loader.location.path(name) for name, _, _ in order}
+    def __init__(self, loader: ShardLoader):
+        self.shards = loader.manifest["splits"][loader.split]["shards"]
+        self.urls = {s["name"]: loader.location.path(s["name"]) for s in self.shards}
         self.endpoint = loader.s3_endpoint
-        self.order = order
+        self.epochs = loader.epochs
         self.rank_begin = loader.rank * loader.samples_per_epoch
         self.batch_size, self.n_batches = loader.batch_size, loader.batches_per_epoch
         self.n_workers = max(1, loader.loader_workers)
@@ -217,7 +226,7 @@ class _ShardStream(IterableDataset):
         rng.shuffle(buf)
         yield from buf
 
-    def _decode(self, group: list, b: int, counter: _Counter, fallback: list):
+    def _decode(self, group: list, epoch: int, b: int, counter: _Counter, fallback: list):
         images, rows = [], []
         for data, row in group:
             try:
@@ -238,7 +247,7 @@ class _ShardStream(IterableDataset):
         # thread for small tensors (3x slower in-process on 2 cores, measured).
         x = np.stack(images).astype(np.float32) / 127.5 - 1.0  # (B, C, H, W) in [-1, 1]
         if self.flip:
-            rng = np.random.default_rng(_seed(self.seed, self.epoch, self.rank, b, _TAG_FLIP))
+            rng = np.random.default_rng(_seed(self.seed, epoch, self.rank, b, _TAG_FLIP))
             mirror = rng.random(len(x)) < 0.5
             x[mirror] = x[mirror, :, :, ::-1]
         attrs = np.asarray(rows, dtype=np.float32).reshape(len(x), len(self.attributes))
@@ -251,33 +260,38 @@ class _ShardStream(IterableDataset):
         mine = range(worker, self.n_batches, W)  # this worker's batch numbers
         begin = self.rank_begin + B * sum(len(range(v, self.n_batches, W)) for v in range(worker))
         end = begin + B * len(mine)
-        counter, fallback = _Counter(), []
-        rng = random.Random(_seed(self.seed, self.epoch, self.rank, worker, _TAG_BUFFER))
-        stream = self._shuffle(self._raw(segments(self.order, begin, end), end - begin, counter), rng)
-        for b in mine:
-            group = list(itertools.islice(stream, B))
-            if len(group) < B:
-                break  # short: only when nothing could stand in for lost samples
-            if b < self.start_batch:
-                continue  # resuming: read past it, but do not spend time decoding it
-            images, attrs = self._decode(group, b, counter, fallback)
-            yield "batch", b, images, attrs, worker, counter.stats()
-        yield "end", worker, None, None, worker, counter.stats()
+        for epoch in itertools.islice(itertools.count(self.epoch), self.epochs):  # epochs=None: no end
+            counter, fallback = _Counter(), []  # counts are per epoch
+            order = epoch_order(self.shards, self.seed, epoch, shuffle=self.shuffle_buffer > 0)
+            rng = random.Random(_seed(self.seed, epoch, self.rank, worker, _TAG_BUFFER))
+            stream = self._shuffle(self._raw(segments(order, begin, end), end - begin, counter), rng)
+            start = self.start_batch if epoch == self.epoch else 0
+            for b in mine:
+                group = list(itertools.islice(stream, B))
+                if len(group) < B:
+                    break  # short: only when nothing could stand in for lost samples
+                if b < start:
+                    continue  # resuming: read past it, but do not spend time decoding it
+                images, attrs = self._decode(group, epoch, b, counter, fallback)
+                yield "batch", epoch, b, images, attrs, worker, counter.stats()
+            yield "end", epoch, None, None, None, worker, counter.stats()
 
 
 class ShardLoader:
-    """One epoch of one rank's batches (see the module docstring). Iterating again replays
-    the same epoch; build a new loader (epoch=e+1) for the next one.
+    """One rank's batches of `epochs` epochs from `epoch` (None: no end; see the module
+    docstring). Iterating again replays the same batches.
 
     len(loader) = batches_per_epoch, the same on every rank; with start_batch = k the
-    iteration yields batches k .. len - 1, i.e. len - k of them.
+    first epoch yields batches k .. len - 1, i.e. len - k of them, the next ones all.
     """
 
     def __init__(self, shards: str, manifest: dict, *, batch_size: int, rank: int, world_size: int,
                  split: str, loader_workers: int, shuffle_buffer: int, flip: bool, seed: int, epoch: int,
                  start_batch: int, with_attributes: bool, s3_endpoint: str, max_corrupt_fraction: float,
-                 io_retry_seconds: float = storage.IO_RETRY_SECONDS, pin_memory: bool = False):
+                 io_retry_seconds: float = storage.IO_RETRY_SECONDS, pin_memory: bool = False,
+                 epochs: int | None = 1):
         self.shards, self.manifest, self.split = shards, manifest, split
+        self.epochs = epochs
         self.pin_memory = pin_memory
         self.location = storage.Location(shard_folder(shards), s3_endpoint)
         self.s3_endpoint = s3_endpoint
@@ -298,7 +312,7 @@ class ShardLoader:
         if start_batch > self.batches_per_epoch:
             raise DataError(f"start_batch={start_batch} is past the end of the epoch "
                             f"({self.batches_per_epoch} batches)")
-        self._counts: dict[int, tuple[int, int, float]] = {}  # worker -> _Counter.stats()
+        self._counts: dict[int, tuple[int, int, float]] = {}  # worker -> _Counter.stats(), this epoch
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -327,38 +341,57 @@ class ShardLoader:
                 f"or check the storage")
 
     def __iter__(self):
-        order = epoch_order(self.manifest["splits"][self.split]["shards"], self.seed, self.epoch,
-                            shuffle=self.shuffle_buffer > 0)
         # Pinned (page-locked) batches let the trainer's .to(cuda, non_blocking=True) copy
         # asynchronously, overlapped with the step it follows.
-        dl = DataLoader(_ShardStream(self, order), batch_size=None, num_workers=self.loader_workers,
+        dl = DataLoader(_ShardStream(self), batch_size=None, num_workers=self.loader_workers,
                         persistent_workers=False, pin_memory=self.pin_memory)
-        self._counts = {}
-        pending, expected = {}, self.start_batch
-        for kind, b, images, attrs, worker, stats in dl:
-            self._counts[worker] = stats
-            self._check_corrupt()
+        W = max(1, self.loader_workers)
+        final = None if self.epochs is None else self.epoch + self.epochs - 1
+        counts: dict[int, dict[int, tuple]] = {}  # epoch -> worker -> stats; a worker may be an epoch ahead
+        pending, ended = {}, {}  # (epoch, b) -> batch; epoch -> workers done with it
+        epoch, expected = self.epoch, self.start_batch
+        self._counts = counts.setdefault(epoch, {})
+        for kind, e, b, images, attrs, worker, stats in dl:
+            if e < epoch:
+                continue  # a worker's end of an epoch already delivered: nothing left to count
+            counts.setdefault(e, {})[worker] = stats
             if kind == "end":
-                continue
-            pending[b] = (images, attrs)
-            while expected in pending:  # DataLoader returns workers round-robin: restore b order
-                images, attrs = pending.pop(expected)
-                expected += 1
-                yield (images, attrs) if self.with_attributes else images
+                ended[e] = ended.get(e, 0) + 1
+            else:
+                pending[e, b] = (images, attrs)
+            while True:
+                self._check_corrupt()
+                if (epoch, expected) in pending:  # workers answer round-robin: restore the order
+                    images, attrs = pending.pop((epoch, expected))
+                    expected += 1
+                    yield (images, attrs) if self.with_attributes else images
+                elif expected == self.batches_per_epoch and epoch != final:  # on to the next epoch
+                    del counts[epoch]
+                    ended.pop(epoch, None)
+                    epoch, expected = epoch + 1, 0
+                    self._counts = counts.setdefault(epoch, {})
+                elif ended.get(epoch, 0) == W and expected < self.batches_per_epoch:
+                    self._short(expected)  # every worker is done with an epoch it left short
+                else:
+                    break
         if expected != self.batches_per_epoch:
-            raise DataError(f"{self.shards} ({self.split}, rank {self.rank}): the epoch ended after "
-                            f"{expected} of {self.batches_per_epoch} batches; {self.corrupt_count} "
-                            f"samples were corrupt or missing and no readable ones were left to stand in")
+            self._short(expected)
+
+    def _short(self, got: int):
+        raise DataError(f"{self.shards} ({self.split}, rank {self.rank}): the epoch ended after "
+                        f"{got} of {self.batches_per_epoch} batches; {self.corrupt_count} "
+                        f"samples were corrupt or missing and no readable ones were left to stand in")
 
 
 def make_loader(shards: str, *, batch_size: int, rank: int = 0, world_size: int = 1, split: str = "train",
                 loader_workers: int = 0, shuffle_buffer: int = 1000, flip: bool = False, seed: int = 0,
                 epoch: int = 0, start_batch: int = 0, with_attributes: bool = False, s3_endpoint: str = "",
                 max_corrupt_fraction: float = 0.01,
-                io_retry_seconds: float = storage.IO_RETRY_SECONDS, pin_memory: bool = False) -> ShardLoader:
-    """One epoch of batches for `rank` of `world_size` from the shards at `shards` (a folder
-    or s3://bucket/prefix written by `prepare`), in pinned memory if `pin_memory` (for a CUDA
-    trainer). See the module docstring."""
+                io_retry_seconds: float = storage.IO_RETRY_SECONDS, pin_memory: bool = False,
+                epochs: int | None = 1) -> ShardLoader:
+    """`epochs` epochs (None: no end) of batches for `rank` of `world_size` from the shards at
+    `shards` (a folder or s3://bucket/prefix written by `prepare`), in pinned memory if
+    `pin_memory` (for a CUDA trainer). See the module docstring."""
     checks = [
         (isinstance(batch_size, int) and batch_size >= 1, "batch_size", batch_size, "an integer >= 1"),
         (isinstance(world_size, int) and world_size >= 1, "world_size", world_size, "an integer >= 1"),
@@ -367,6 +400,8 @@ def make_loader(shards: str, *, batch_size: int, rank: int = 0, world_size: int 
         (loader_workers >= 0, "loader_workers", loader_workers, "an integer >= 0"),
         (shuffle_buffer >= 0, "shuffle_buffer", shuffle_buffer, "an integer >= 0"),
         (epoch >= 0, "epoch", epoch, "an integer >= 0"),
+        (epochs is None or (isinstance(epochs, int) and epochs >= 1), "epochs", epochs,
+         "an integer >= 1, or None for no end"),
         (start_batch >= 0, "start_batch", start_batch, "an integer >= 0"),
         (0 <= max_corrupt_fraction <= 1, "max_corrupt_fraction", max_corrupt_fraction, "in [0, 1]"),
         (io_retry_seconds >= 0, "io_retry_seconds", io_retry_seconds, "a number of seconds >= 0"),
@@ -379,7 +414,7 @@ def make_loader(shards: str, *, batch_size: int, rank: int = 0, world_size: int 
                        loader_workers=loader_workers, shuffle_buffer=shuffle_buffer, flip=flip, seed=seed,
                        epoch=epoch, start_batch=start_batch, with_attributes=with_attributes,
                        s3_endpoint=s3_endpoint, max_corrupt_fraction=max_corrupt_fraction,
-                       io_retry_seconds=io_retry_seconds, pin_memory=pin_memory)
+                       io_retry_seconds=io_retry_seconds, pin_memory=pin_memory, epochs=epochs)
 
 
 def covering_batch_size(split_samples: int, wanted: int, cap: int) -> int:
