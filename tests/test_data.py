@@ -7,6 +7,7 @@ S3 (a real moto server) is in test_data_s3.py. Every source here is tiny (tens o
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 import os
@@ -113,7 +114,7 @@ def test_same_seed_and_epoch_give_the_same_order_and_start_batch_resumes(tmp_pat
         assert torch.equal(x1, x2) and torch.equal(a1, a2)
 
 
-@pytest.mark.parametrize("workers", [0, 3])  # 3 workers on 9 batches: each one an epoch ahead at times
+@pytest.mark.parametrize("workers", [0, 3])
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")
 def test_a_loader_over_several_epochs_gives_each_epochs_batches_in_turn(tmp_path, workers):
     """What training reads (epochs=None, its loader processes started once) is exactly one
@@ -129,6 +130,17 @@ def test_a_loader_over_several_epochs_gives_each_epochs_batches_in_turn(tmp_path
     two = list(make_loader(shards, epoch=2, start_batch=5, epochs=2, **kw))
     assert len(two) == 13
     assert all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(per_epoch[:13], two, strict=True))
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_workers_with_fewer_batches_do_not_fall_behind_over_many_epochs(tmp_path):
+    """10 batches on 3 workers (4, 3, 3): DataLoader takes one item from each in turn, so
+    without padding the two shorter ones ran an item further ahead every epoch, and the
+    batches held back for reordering grew with the run (45 after 30 epochs)."""
+    shards = str(write_uneven_shards(tmp_path / "s", [10, 14, 16]))
+    loader = make_loader(shards, batch_size=4, loader_workers=3, shuffle_buffer=6, epochs=None)
+    assert len(loader) == 10 and sum(1 for _ in itertools.islice(loader, 300)) == 300
+    assert loader.most_held <= 3
 
 
 def test_flip_mirrors_some_images_and_nothing_else(tmp_path, make_folder):

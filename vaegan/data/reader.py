@@ -139,9 +139,14 @@ class _Counter:
 
 
 class _ShardStream(IterableDataset):
-    """What each DataLoader worker runs: its block of samples -> ("batch", ...) tuples, then
-    one ("end", ...) so its final counts (corrupt samples, transport retries, seconds waited)
-    reach the main process even if it has no batches to carry them."""
+    """What each DataLoader worker runs, each epoch: its block of samples -> ("batch", ...)
+    tuples, then one ("end", ...) so its final counts (corrupt samples, transport retries,
+    seconds waited) reach the main process even if it has no batches to carry them.
+
+    DataLoader takes one item from each worker in turn. A worker with fewer batches in an
+    epoch than another (10 batches on 3 workers: 4, 3, 3) sends ("pad", ...) items to make
+    up the difference, so that over many epochs no worker runs ahead of the others and the
+    main process never holds more than a round of batches for reordering."""
 
     def __init__(self, loader: ShardLoader):
         self.shards = loader.manifest["splits"][loader.split]["shards"]
@@ -266,14 +271,20 @@ class _ShardStream(IterableDataset):
             rng = random.Random(_seed(self.seed, epoch, self.rank, worker, _TAG_BUFFER))
             stream = self._shuffle(self._raw(segments(order, begin, end), end - begin, counter), rng)
             start = self.start_batch if epoch == self.epoch else 0
+            rounds = max(sum(b >= start for b in range(v, self.n_batches, W)) for v in range(W))
+            sent = 0
             for b in mine:
                 group = list(itertools.islice(stream, B))
                 if len(group) < B:
-                    break  # short: only when nothing could stand in for lost samples
+                    rounds = 0  # short (only when nothing could stand in for lost samples): an error
+                    break
                 if b < start:
                     continue  # resuming: read past it, but do not spend time decoding it
                 images, attrs = self._decode(group, epoch, b, counter, fallback)
                 yield "batch", epoch, b, images, attrs, worker, counter.stats()
+                sent += 1
+            for _ in range(rounds - sent):
+                yield "pad", epoch, None, None, None, worker, counter.stats()
             yield "end", epoch, None, None, None, worker, counter.stats()
 
 
@@ -313,6 +324,7 @@ class ShardLoader:
             raise DataError(f"start_batch={start_batch} is past the end of the epoch "
                             f"({self.batches_per_epoch} batches)")
         self._counts: dict[int, tuple[int, int, float]] = {}  # worker -> _Counter.stats(), this epoch
+        self.most_held = 0  # the most batches held at once for reordering (tests: it stays bounded)
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -357,8 +369,9 @@ class ShardLoader:
             counts.setdefault(e, {})[worker] = stats
             if kind == "end":
                 ended[e] = ended.get(e, 0) + 1
-            else:
+            elif kind == "batch":
                 pending[e, b] = (images, attrs)
+                self.most_held = max(self.most_held, len(pending))
             while True:
                 self._check_corrupt()
                 if (epoch, expected) in pending:  # workers answer round-robin: restore the order
