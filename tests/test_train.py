@@ -3,6 +3,8 @@ server, checkpoints on local disk and on a real S3-protocol server (moto)."""
 
 from __future__ import annotations
 
+import re
+
 import mlflow
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ from vaegan.checkpoint import LIVE
 from vaegan.cluster import ClusterError
 from vaegan.config import load_config
 from vaegan.registry import load_model
-from vaegan.tracking import TrackingError
+from vaegan.tracking import TrackingError, resolve_tracking_uri
 from vaegan.train import FAULT_ENV, TrainError, fit, resolve_attribute_head
 
 pytestmark = pytest.mark.slow
@@ -112,6 +114,16 @@ def test_unreachable_mlflow_fails_before_workers_start(tmp_path, mnist_shards):
     cfg = train_cfg(tmp_path, mnist_shards, uri, "tracking.start_wait_seconds=0")
     with pytest.raises(TrackingError, match=f"MLflow tracking server {uri} is unreachable"):
         fit(cfg)
+
+
+def test_a_file_store_uri_is_a_clear_error_unless_mlflows_opt_in_is_set(tmp_path, mnist_shards,
+                                                                          monkeypatch):
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    for uri in (f"file://{tmp_path}/mlruns", f"{tmp_path}/mlruns"):
+        with pytest.raises(TrackingError, match=f"URI '{re.escape(uri)}' .* is MLflow's file store.* use sqlite:///"):
+            fit(train_cfg(tmp_path, mnist_shards, uri))
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the user's own choice: passed on
+    assert resolve_tracking_uri(f"file://{tmp_path}/mlruns") == f"file://{tmp_path}/mlruns"
 
 
 def test_unwritable_storage_is_a_clear_error(tmp_path, mnist_shards, mlflow_server):
