@@ -132,6 +132,37 @@ def test_a_loader_over_several_epochs_gives_each_epochs_batches_in_turn(tmp_path
     assert all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(per_epoch[:13], two, strict=True))
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_decoded_images_kept_across_epochs_change_no_batch(tmp_path, workers):
+    """The decode cache: the same batches, flips and attributes, epoch after epoch."""
+    shards = str(write_uneven_shards(tmp_path / "s", [10, 14, 12]))
+    kw = dict(batch_size=4, loader_workers=workers, shuffle_buffer=6, flip=True, with_attributes=True,
+              seed=3, epochs=4)
+    plain, cached = list(make_loader(shards, **kw)), list(make_loader(shards, cache_mb=1, **kw))
+    assert len(plain) == len(cached) == 4 * 9
+    assert all(torch.equal(x1, x2) and torch.equal(a1, a2) for (x1, a1), (x2, a2) in zip(plain, cached, strict=True))
+
+
+@pytest.mark.parametrize("cache_mb", [0, 2 * 64 / 2**20, 1])  # none, two of its 36 8x8 images, all
+def test_later_epochs_come_from_the_decode_cache_without_reading_the_shards(tmp_path, cache_mb):
+    """One in-process worker reads the whole split in its first epoch; with room for all of
+    it, the next epochs are read from the cache: the shards can be gone by then."""
+    shards = write_uneven_shards(tmp_path / "s", [10, 14, 12])
+    kw = dict(batch_size=4, shuffle_buffer=6, with_attributes=True, seed=3)
+    expected = [indices(make_loader(str(shards), epoch=e, **kw)) for e in (0, 1, 2)]
+    stream = make_loader(str(shards), epochs=3, cache_mb=cache_mb, max_corrupt_fraction=0.0, **kw)
+    batches = iter(stream)
+    first = [next(batches)[1][:, 0].long().tolist() for _ in range(len(stream))]
+    assert first == expected[0]
+    for tar in shards.glob("*.tar"):
+        tar.unlink()
+    if cache_mb < 1:  # not all of it kept: a later epoch has to read a shard that is gone
+        with pytest.raises(DataError, match="corrupt or missing"), pytest.warns(DataWarning):
+            list(batches)
+    else:
+        assert [a[:, 0].long().tolist() for _, a in batches] == expected[1] + expected[2]
+
+
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")
 def test_workers_with_fewer_batches_do_not_fall_behind_over_many_epochs(tmp_path):
     """10 batches on 3 workers (4, 3, 3): DataLoader takes one item from each in turn, so

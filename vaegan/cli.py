@@ -13,7 +13,7 @@
     vaegan data prepare --source SRC --out DEST [--image-size N] [--channels C] [--shard-size N]
                         [--format png|jpg] [--seed S] [--val-fraction F] [--s3-endpoint URL]
     vaegan data check --shards URL
-    vaegan bench data --shards URL [--workers N] [--batches N] [--batch-size B]
+    vaegan bench data --shards URL [--workers N] [--batches N] [--batch-size B] [--cache-mb MB]
     vaegan bench step [--preset celeba64] [key=value ...] [--steps N]
     vaegan bench train [--preset mnist32] [key=value ...] [--workers W] [--threads T] [--steps N] [--json]
     vaegan models list [NAME] | promote NAME [--from challenger] [--to champion] [--force]
@@ -299,7 +299,7 @@ def _bench_data(args: argparse.Namespace) -> None:
 
     print(json.dumps(bench_loader(args.shards, workers=args.workers, batches=args.batches,
                                   batch_size=args.batch_size, split=args.split,
-                                  s3_endpoint=args.s3_endpoint), indent=1))
+                                  s3_endpoint=args.s3_endpoint, cache_mb=args.cache_mb), indent=1))
 
 
 def _add_bench(sub) -> None:
@@ -313,6 +313,8 @@ def _add_bench(sub) -> None:
     d.add_argument("--batch-size", type=int, default=64, help="default 64")
     d.add_argument("--split", default="train", choices=["train", "val"])
     d.add_argument("--s3-endpoint", default="", help="default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL")
+    d.add_argument("--cache-mb", type=float, default=0,
+                   help="each loader worker's decode cache, as data.decode_cache_mb (default 0: decode every epoch)")
     d.set_defaults(func=_bench_data)
     st = bench_sub.add_parser("step", help="the training step vs a plain port of Algorithm 1 (JSON)")
     st.add_argument("--preset", default="celeba64", help="default celeba64 (the paper's 64x64)")

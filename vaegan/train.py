@@ -344,6 +344,7 @@ def loop(w: Worker, config: dict) -> None:
                      flip=cfg.data.flip, s3_endpoint=cfg.data.s3_endpoint,
                      max_corrupt_fraction=cfg.data.max_corrupt_fraction,
                      io_retry_seconds=cfg.data.io_retry_seconds, pin_memory=w.device.type == "cuda",
+                     cache_mb=cfg.data.decode_cache_mb,
                      with_attributes=cfg.model.dis_attributes > 0)  # labels for Dis's attribute head
     progress = Progress(w.state.step, T.steps)
     clock = time.perf_counter()  # train.minutes counts the loop's wall-clock time
