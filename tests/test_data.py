@@ -140,7 +140,8 @@ def test_decoded_images_kept_across_epochs_change_no_batch(tmp_path, workers):
               seed=3, epochs=4)
     plain, cached = list(make_loader(shards, **kw)), list(make_loader(shards, cache_mb=1, **kw))
     assert len(plain) == len(cached) == 4 * 9
-    assert all(torch.equal(x1, x2) and torch.equal(a1, a2) for (x1, a1), (x2, a2) in zip(plain, cached, strict=True))
+    for (x1, a1), (x2, a2) in zip(plain, cached, strict=True):
+        assert torch.equal(x1, x2) and torch.equal(a1, a2)
 
 
 @pytest.mark.parametrize("cache_mb", [0, 2 * 64 / 2**20, 1])  # none, two of its 36 8x8 images, all

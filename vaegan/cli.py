@@ -314,7 +314,8 @@ def _add_bench(sub) -> None:
     d.add_argument("--split", default="train", choices=["train", "val"])
     d.add_argument("--s3-endpoint", default="", help="default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL")
     d.add_argument("--cache-mb", type=float, default=0,
-                   help="each loader worker's decode cache, as data.decode_cache_mb (default 0: decode every epoch)")
+                   help="each loader worker's decode cache, MiB, as data.decode_cache_mb "
+                        "(default 0: decode every epoch)")
     d.set_defaults(func=_bench_data)
     st = bench_sub.add_parser("step", help="the training step vs a plain port of Algorithm 1 (JSON)")
     st.add_argument("--preset", default="celeba64", help="default celeba64 (the paper's 64x64)")

@@ -9,7 +9,8 @@ from vaegan.data.reader import make_loader
 
 
 def bench_loader(shards: str, *, workers: int = 0, batches: int = 50, batch_size: int = 64,
-                 split: str = "train", s3_endpoint: str = "", flip: bool = False, cache_mb: float = 0) -> dict:
+                 split: str = "train", s3_endpoint: str = "", flip: bool = False,
+                 cache_mb: float = 0) -> dict:
     """Read `batches` batches from one loader, epoch after epoch as training does, and time
     them. images_per_s counts from the first batch on (steady state: worker start-up and the
     first shard fetch excluded); images_per_s_with_startup counts from the call. With
