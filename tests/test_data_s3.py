@@ -78,6 +78,9 @@ def test_s3_bench_counts_the_batches_it_reads_and_their_time(tmp_path, s3_bucket
         def __getattr__(self, name):
             return getattr(self.loader, name)
 
+        def __len__(self):
+            return len(self.loader)
+
         def __iter__(self):
             for x in self.loader:
                 clock["now"] += 4.0 if clock["read"] == 0 else 1.0
@@ -90,8 +93,9 @@ def test_s3_bench_counts_the_batches_it_reads_and_their_time(tmp_path, s3_bucket
     report = bench_loader(url, workers=1, batches=7, batch_size=4)
     assert clock["read"] == 7
     assert report == {"shards": url, "split": "train", "workers": 1, "batch_size": 4, "batches": 7,
-                      "image_shape": [3, 8, 8], "seconds": 10.0, "startup_s": 4.0,
-                      "images_per_s": 6 * 4 / 6.0, "images_per_s_with_startup": 7 * 4 / 10.0}
+                      "epochs": 1.4, "cache_mb": 0, "image_shape": [3, 8, 8], "seconds": 10.0,
+                      "startup_s": 4.0, "images_per_s": 6 * 4 / 6.0,
+                      "images_per_s_with_startup": 7 * 4 / 10.0}
 
 
 def test_missing_bucket_unreachable_endpoint_and_missing_credentials_are_clear(
