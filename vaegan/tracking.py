@@ -36,11 +36,13 @@ class TrackingError(UserError, RuntimeError):
 def resolve_tracking_uri(configured: str = "") -> str:
     """Config, else $MLFLOW_TRACKING_URI, else SQLite at an absolute path under ./mlruns
     (absolute because Ray workers run in another working directory)."""
+    from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+    from mlflow.utils.uri import is_local_uri
+
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI", "")
     # MLflow 3 refuses its file store (a path or file:) with a traceback, unless the user
     # opts in with its own variable; say so before anything starts
-    file_store = uri.startswith("file:") or (uri and "://" not in uri and uri != "databricks")
-    if file_store and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
+    if uri and is_local_uri(uri) and not MLFLOW_ALLOW_FILE_STORE.get():
         raise TrackingError(
             f"MLflow tracking URI {uri!r} (tracking.tracking_uri or $MLFLOW_TRACKING_URI) is MLflow's "
             "file store, which MLflow 3 refuses; use sqlite:///ABSOLUTE/PATH/mlflow.db (the default, "
