@@ -1,5 +1,6 @@
 import pytest
 import yaml
+from servers import own_lines
 
 from vaegan.cli import main
 from vaegan.config import PRESETS, ConfigError, config_from_dict, load_config
@@ -53,6 +54,6 @@ def test_cli_config_show_prints_resolved_yaml(capsys):
 
 def test_cli_bad_key_is_one_line_no_traceback(capsys):
     assert main(["config", "show", "debug", "train.stepz=3"]) == 2
-    err = capsys.readouterr().err
+    err = own_lines(capsys.readouterr().err)
     assert err.startswith("vaegan: error: unknown config key 'train.stepz'")
     assert "Traceback" not in err

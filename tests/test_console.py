@@ -11,19 +11,17 @@ import time
 from collections import Counter
 
 import pytest
-from servers import BIN, env_with_venv
+from servers import ANSI, BIN, RAY_PREFIX, env_with_venv
 
 pytestmark = pytest.mark.slow
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_RAY_PREFIX = re.compile(r"^\((?:\w+) pid=\d+(?:, ip=[\d.]+)?\)\s*")
 _STAMP = re.compile(r"^\d{4}[-/]\d\d[-/]\d\d[ T]\d\d:\d\d:\d\d[,.\d]*\s*")
 
 
 def normalise(line: str) -> str:
     """A console line without colours, Ray's `(Actor pid=N)` prefix, the timestamp, and
     numbers (steps, ids, addresses): two lines that say the same thing compare equal."""
-    line = _RAY_PREFIX.sub("", _ANSI.sub("", line).strip())
+    line = RAY_PREFIX.sub("", ANSI.sub("", line).strip())
     line = _STAMP.sub("", line)
     return re.sub(r"[0-9a-f]{8,}|\d+", "N", line).strip()
 

@@ -21,6 +21,7 @@ import pytest
 import torch
 import webdataset as wds
 from PIL import Image
+from servers import own_lines
 
 from vaegan.data import DataError, DataWarning, check_shards, make_loader, prepare, read_manifest
 from vaegan.data.faces import ATTRIBUTES, generate_synthetic_faces
@@ -458,7 +459,7 @@ def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
     from vaegan.cli import main
 
     assert main(["data", "prepare", "--source", "folder:/no/such/dir", "--out", str(tmp_path)]) == 2
-    err = capsys.readouterr().err
+    err = own_lines(capsys.readouterr().err)
     assert err.startswith("vaegan: error: source 'folder:/no/such/dir'") and err.count("\n") == 1
     assert main(["bench", "data", "--shards", str(tmp_path / "none")]) == 2
     assert "no manifest.json in" in capsys.readouterr().err

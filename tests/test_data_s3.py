@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import webdataset as wds
-from servers import free_port
+from servers import free_port, own_lines
 
 from vaegan.data import DataError, bench_loader, check_shards, make_loader, prepare, read_manifest
 from vaegan.data.storage import s3_filesystem
@@ -118,7 +118,7 @@ def test_missing_bucket_unreachable_endpoint_and_missing_credentials_are_clear(
     from vaegan.cli import main
 
     assert main(["data", "check", "--shards", "s3://no-such-bucket/p"]) == 2
-    err = capsys.readouterr().err
+    err = own_lines(capsys.readouterr().err)
     assert err.startswith("vaegan: error: ") and err.count("\n") == 1 and "no-such-bucket" in err
 
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):

@@ -10,6 +10,7 @@ import math
 import mlflow
 import numpy as np
 import pytest
+from servers import own_lines
 
 from vaegan.cli import main
 from vaegan.cluster import ClusterError
@@ -149,7 +150,7 @@ def test_tune_sees_reports_with_the_metric_but_not_the_last_step():
 def test_cli_prints_one_line_and_exits_2(capsys):
     code = main(["tune", "--preset", "debug", "train.eval_every=5", "--gamma-min", "1",
                  "--gamma-max", "0.01"])
-    err = capsys.readouterr().err
+    err = own_lines(capsys.readouterr().err)
     assert code == 2
     assert err.startswith("vaegan: error: --gamma-min 1 .. --gamma-max 0.01: the range is inverted")
     assert len(err.strip().splitlines()) == 1
