@@ -67,3 +67,25 @@ def test_a_ray_running_before_is_left_running(ray_local):
     with cluster.session():
         cluster.connect()
     assert ray_local.is_initialized() and ray_local.cluster_resources().get("CPU") == 8
+
+
+IDLE_WORKERS = """
+import time
+from ray.util.state import list_workers
+from vaegan import cluster
+cluster.connect()
+time.sleep(5)  # the raylet prestarted its default workers at once; they register within seconds
+print(len(list_workers(filters=[("worker_type", "=", "WORKER")])))
+cluster.shutdown()
+"""
+
+
+def test_a_local_ray_starts_no_idle_workers():
+    """The local Ray that `connect` starts has no prestarted workers: they could not serve
+    this driver (its runtime_env differs) and would idle beside the step (two did)."""
+    env = {**env_with_venv(), "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([str(BIN / "python"), "-c", IDLE_WORKERS], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "0", proc.stdout[-3000:]

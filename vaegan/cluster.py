@@ -36,6 +36,7 @@ from vaegan.errors import UserError
 DEFAULT_STORAGE = "runs"  # relative to where the driver starts; made absolute
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's State API clients look first
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # off on a local Ray (`connect`)
+PRESTART_ENV = "RAY_prestart_worker_first_driver"  # off on a local Ray (`connect`)
 _started_gcs: str | None = None  # the GCS address of the local Ray that `connect` started, if any
 _started_api_server: str | None = None  # API_SERVER_ENV before `connect` set it
 
@@ -71,10 +72,20 @@ def connect(cpus_needed: float = 1, *, min_cpus: int = 0) -> None:
     # watcher, an actor per run polling for drain notices, would only take its share of the
     # cores and log an error line at every start (ray-project/ray#53727). A user's value wins.
     env_vars = {} if PREEMPTION_WATCHER_ENV in os.environ else {PREEMPTION_WATCHER_ENV: "0"}
-    ray.init(address="local", num_cpus=max(min_cpus, os.cpu_count() or 1, math.ceil(cpus_needed)),
-             include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=True,
-             runtime_env={"worker_process_setup_hook": "vaegan.cluster.quiet_local_worker",
-                          "env_vars": env_vars})
+    # The raylet prestarts default workers for the first driver. None of them can serve this
+    # driver, whose tasks and actors all carry the runtime_env below (a worker serves one), so
+    # they only import Ray while the run starts and then idle at 0.012 cores each, taken from
+    # the step on a small machine. The raylet reads the setting from its environment at start.
+    prestart = {} if PRESTART_ENV in os.environ else {PRESTART_ENV: "0"}
+    os.environ.update(prestart)
+    try:
+        ray.init(address="local", num_cpus=max(min_cpus, os.cpu_count() or 1, math.ceil(cpus_needed)),
+                 include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=True,
+                 runtime_env={"worker_process_setup_hook": "vaegan.cluster.quiet_local_worker",
+                              "env_vars": env_vars})
+    finally:
+        for name in prestart:
+            os.environ.pop(name, None)
     _started_gcs = ray.get_runtime_context().gcs_address
 
 
