@@ -73,9 +73,10 @@ def connect(cpus_needed: float = 1, *, min_cpus: int = 0) -> None:
     # cores and log an error line at every start (ray-project/ray#53727). A user's value wins.
     env_vars = {} if PREEMPTION_WATCHER_ENV in os.environ else {PREEMPTION_WATCHER_ENV: "0"}
     # The raylet prestarts default workers for the first driver. None of them can serve this
-    # driver, whose tasks and actors all carry the runtime_env below (a worker serves one), so
-    # they only import Ray while the run starts and then idle at 0.012 cores each, taken from
-    # the step on a small machine. The raylet reads the setting from its environment at start.
+    # driver, whose tasks and actors all carry the runtime_env below (a worker serves one):
+    # they import Ray while the run starts, then idle at 0.012 cores each until Ray kills them
+    # (a run's actors fill its pool; an idle Ray keeps them). The raylet reads the setting
+    # from its environment at start.
     prestart = {} if PRESTART_ENV in os.environ else {PRESTART_ENV: "0"}
     os.environ.update(prestart)
     try:
