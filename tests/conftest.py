@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from servers import mlflow_server, ray_head, ray_local, s3_bucket, s3_server  # noqa: F401  (fixtures)
+from servers import mlflow_server, ray_local, s3_bucket, s3_server  # noqa: F401  (fixtures)
 
 from vaegan.config import load_config
 

@@ -109,42 +109,6 @@ def ray_local(s3_server):
     cluster.shutdown()
 
 
-@pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """A real `ray start --head` cluster with the dashboard (job submission) on loopback.
-
-    Started with --block as a child process so stopping it here stops only this cluster
-    (`ray stop` would kill every Ray on the machine). Token auth is explicitly disabled:
-    everything is on 127.0.0.1 and the same choice is made for the head and the clients.
-    """
-    # A fresh head inherits no other Ray's addresses (a driver of an earlier test may have set
-    # RAY_ADDRESS / RAY_API_SERVER_ADDRESS in this process), and its dashboard agent listens on
-    # a free port: the default 52365 is held by the session's `ray_local`, and a head whose agent
-    # cannot bind answers every job submission "No available agent".
-    env = {k: v for k, v in env_with_venv().items() if not k.startswith("RAY_")}
-    port, dash = free_port(), free_port()
-    # its State API clients (Ray Train's placement-group watcher) at its own dashboard
-    env.update(RAY_AUTH_MODE="disabled", RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dash}")
-    log_path = tmp_path_factory.mktemp("ray-head") / "head.log"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
-         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         "--include-dashboard=true", f"--dashboard-agent-listen-port={free_port()}"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{dash}"
-    try:
-        wait_http(url + "/api/version", proc, timeout=120, log=log_path)
-        yield url, env
-    finally:
-        proc.send_signal(signal.SIGINT)  # --block: stops the processes it started
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
-
-
 # S3: a real moto server (a subprocess, so Ray workers, DataLoader workers and an MLflow
 # server all see the same buckets). No boto/s3fs patching: clients reach it over HTTP.
 

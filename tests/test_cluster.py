@@ -1,7 +1,8 @@
 """The multi-node cluster of infra/local/up.sh, end to end: a Ray head with no CPUs and two
 1-CPU worker nodes (each its own raylet), moto S3, PostgreSQL (pgserver) and an MLflow server
 on PostgreSQL with artifacts proxied to S3. Jobs go in through Ray job submission, as on a
-real cluster; data, checkpoints and MLflow artifacts live in the S3 bucket.
+real cluster (the training job through the `ray job submit` CLI, the others through
+JobSubmissionClient); data, checkpoints and MLflow artifacts live in the S3 bucket.
 
 One cluster for the module (up.sh at the start, down.sh at the end, on free ports and a
 temporary state folder).
@@ -16,11 +17,12 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from servers import env_with_venv, free_port
+from servers import BIN, env_with_venv, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 UP, DOWN = ROOT / "infra" / "local" / "up.sh", ROOT / "infra" / "local" / "down.sh"
@@ -76,9 +78,19 @@ class Cluster:
         from ray.job_submission import JobSubmissionClient
 
         script, args = jobs(self)[name]
-        # The working tree as the job's working_dir (what `ray job submit --working-dir .` sends).
-        self.job_ids[name] = JobSubmissionClient(self.dashboard).submit_job(
-            entrypoint=shlex.join(["python", script, *args]), runtime_env={"working_dir": str(ROOT)})
+        if name != "train":  # the working tree as the job's working_dir, as the CLI sends it
+            self.job_ids[name] = JobSubmissionClient(self.dashboard).submit_job(
+                entrypoint=shlex.join(["python", script, *args]), runtime_env={"working_dir": str(ROOT)})
+            return
+        # The training job as the README submits it: the `ray job submit` CLI, in a shell that
+        # sourced up.sh's env file (RAY_ADDRESS is the head's GCS address, no --address).
+        job_id = f"train-{uuid.uuid4().hex[:8]}"
+        cmd = [str(BIN / "ray"), "job", "submit", "--no-wait", "--submission-id", job_id,
+               "--working-dir", ".", "--", "python", script, *args]
+        done = subprocess.run(cmd, env={**env_with_venv(), **self.env}, cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0 and job_id in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+        self.job_ids[name] = job_id
 
     def result(self, name: str, timeout: float = JOB_TIMEOUT) -> tuple[str, str]:
         """(final status, logs) of job `name`, submitted now if it was not."""
