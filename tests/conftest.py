@@ -68,7 +68,7 @@ def _seed():
 
 
 # `make test` runs the modules on two pytest-xdist workers, a module to a worker (loadfile, so
-# a module's fixtures start once). One module at a time left the 2 cores idle while Ray's
+# a module's fixtures start once). One module at a time left the 2 cores partly idle while Ray's
 # processes started and polled; two at a time keep them busy: 26.5 -> 22.8 min (2026-12-01).
 # A free worker takes the next module in collection order, so the longest go first and both
 # workers end together. Seconds with one worker (`--durations=0`); the rest take under 40 s.
