@@ -5,8 +5,12 @@ and no warning printed over and over (per step or per checkpoint)."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import resource
 import subprocess
+import threading
 import time
 from collections import Counter
 
@@ -69,23 +73,88 @@ def test_a_ray_running_before_is_left_running(ray_local):
     assert ray_local.is_initialized() and ray_local.cluster_resources().get("CPU") == 8
 
 
-IDLE_WORKERS = """
-import time
+LOCAL_RAY = """
+import json, os, subprocess, time
+import ray
 from ray.util.state import list_workers
 from vaegan import cluster
 cluster.connect()
 time.sleep(5)  # the raylet prestarted its default workers at once; they register within seconds
-print(len(list_workers(filters=[("worker_type", "=", "WORKER")])))
+idle_workers = len(list_workers(filters=[("worker_type", "=", "WORKER")]))
+
+@ray.remote(num_cpus=0)
+class RayTrainWorker:  # the title of Ray Train's workers
+    def start_child(self):  # as a data loader
+        self.child = subprocess.Popen(["sleep", "60"])
+        return os.getpid(), self.child.pid
+
+@ray.remote(num_cpus=0)
+class Helper:  # as Train's controller and helper actors, which start after the trainer
+    def pid(self):
+        return os.getpid()
+
+actors = RayTrainWorker.remote(), Helper.remote()  # held: an actor without a handle ends
+worker, loader = ray.get(actors[0].start_child.remote())
+helper = ray.get(actors[1].pid.remote())
+pids = {"worker": worker, "loader": loader, "helper": helper}
+for p in os.listdir("/proc"):  # this driver's children (another Ray may run beside it)
+    try:
+        parent = int(open(f"/proc/{p}/stat", "rb").read().rsplit(b")", 1)[1].split()[1])
+        exe = open(f"/proc/{p}/cmdline", "rb").read().split(b"\\0")[0].decode()
+    except (OSError, ValueError):
+        continue
+    for name in ("gcs_server", "raylet"):
+        if parent == os.getpid() and exe.endswith("/" + name):
+            pids[name] = int(p)
+def policies():
+    return {name: sorted({os.sched_getscheduler(int(t)) for t in os.listdir(f"/proc/{pid}/task")})
+            for name, pid in pids.items()}
+deadline = time.time() + 30  # the watcher looks every 0.5-8 s
+while policies()["helper"] != [os.SCHED_IDLE] and time.time() < deadline:
+    time.sleep(0.5)
+print(json.dumps({"idle_workers": idle_workers, "IDLE": os.SCHED_IDLE, "OTHER": os.SCHED_OTHER,
+                  "policies": policies(), "worker_nice": os.getpriority(os.PRIO_PROCESS, worker)}))
 cluster.shutdown()
 """
 
 
-def test_a_local_ray_starts_no_idle_workers():
-    """The local Ray that `connect` starts has no prestarted workers: they could not serve
-    this driver (its runtime_env differs) and would idle beside the step (two did)."""
+def test_a_local_ray_idles_beside_the_step():
+    """The local Ray that `connect` starts has no prestarted workers (they could not serve
+    this driver, whose runtime_env differs, and would idle beside the step; two did), and
+    its own processes, also those that start later, run at idle CPU priority (`IdleRay`),
+    except the raylet and the training workers with their children, which run at nice 0."""
     env = {**env_with_venv(), "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([str(BIN / "python"), "-c", IDLE_WORKERS], env=env, stdout=subprocess.PIPE,
+    for name in ("VAEGAN_IDLE_RAY", "RAY_worker_niceness"):
+        env.pop(name, None)
+    proc = subprocess.run([str(BIN / "python"), "-c", LOCAL_RAY], env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:]
-    assert proc.stdout.strip().splitlines()[-1] == "0", proc.stdout[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["idle_workers"] == 0, out
+    idle, other = [out["IDLE"]], [out["OTHER"]]
+    assert out["policies"] == {"worker": other, "loader": other, "raylet": other,
+                               "helper": idle, "gcs_server": idle}, out
+    assert out["worker_nice"] == 0, out
+
+
+def test_a_training_worker_leaves_idle_priority():
+    """A worker that IdleRay moved while it served another task, then became a training
+    worker, goes back to normal priority (where the OS allows it, and says so where not)."""
+    from vaegan.cluster import keep_normal_priority
+
+    result = {}
+
+    def thread() -> None:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        result["kept"] = keep_normal_priority()
+        result["policy"] = os.sched_getscheduler(0)
+
+    t = threading.Thread(target=thread)
+    t.start()
+    t.join()
+    # the kernel lets a thread leave SCHED_IDLE with CAP_SYS_NICE, or an RLIMIT_NICE that
+    # allows its nice value (20 - nice)
+    caps = int(next(x for x in open("/proc/self/status") if x.startswith("CapEff")).split()[1], 16)
+    allowed = bool(caps >> 23 & 1) or resource.getrlimit(resource.RLIMIT_NICE)[0] >= 20 - os.nice(0)
+    assert result == {"kept": allowed, "policy": os.SCHED_OTHER if allowed else os.SCHED_IDLE}, result

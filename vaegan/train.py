@@ -180,7 +180,7 @@ def set_up(config: dict) -> Worker:
 
     from vaegan import distributed
     from vaegan.allocator import keep_freed_memory
-    from vaegan.cluster import node_id
+    from vaegan.cluster import keep_normal_priority, node_id
     from vaegan.step import TrainStep
     from vaegan.tracking import MlflowLogger, NullLogger
 
@@ -189,6 +189,9 @@ def set_up(config: dict) -> Worker:
     keep_freed_memory()  # no page faults for each step's buffers (vaegan.allocator)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if not keep_normal_priority():
+        say(f"[vaegan] warning: rank {rank} runs at idle CPU priority and may not leave it; "
+            "set VAEGAN_IDLE_RAY=0 for this driver")
     device = ray.train.torch.get_device()
     if device.type == "cuda":  # fixed shapes every step: let cuDNN pick its fastest kernels once
         torch.backends.cudnn.benchmark = True
