@@ -96,7 +96,8 @@ class Helper:  # as Train's controller and helper actors, which start after the 
 actors = RayTrainWorker.remote(), Helper.remote()  # held: an actor without a handle ends
 worker, loader = ray.get(actors[0].start_child.remote())
 helper = ray.get(actors[1].pid.remote())
-pids = {"worker": worker, "loader": loader, "helper": helper}
+mine = subprocess.Popen(["sleep", "60"])  # the driver's own child: not Ray's
+pids = {"worker": worker, "loader": loader, "helper": helper, "driver's child": mine.pid}
 for p in os.listdir("/proc"):  # this driver's children (another Ray may run beside it)
     try:
         parent = int(open(f"/proc/{p}/stat", "rb").read().rsplit(b")", 1)[1].split()[1])
@@ -133,7 +134,7 @@ def test_a_local_ray_idles_beside_the_step():
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["idle_workers"] == 0, out
     idle, other = [out["IDLE"]], [out["OTHER"]]
-    assert out["policies"] == {"worker": other, "loader": other, "raylet": other,
+    assert out["policies"] == {"worker": other, "loader": other, "raylet": other, "driver's child": other,
                                "helper": idle, "gcs_server": idle}, out
     assert out["worker_nice"] == 0, out
 

@@ -119,8 +119,6 @@ class CpuSampler:
         self._sample()
 
     def _run(self) -> None:
-        if hasattr(os, "SCHED_IDLE"):  # the measuring must not preempt what it measures
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         while not self._stop.wait(self.interval):
             self._sample()
 

@@ -181,8 +181,14 @@ class IdleRay(threading.Thread):
     KEPT = ("ray::IDLE", "ray::RayTrainWorker")  # process titles left at normal priority
 
     def __init__(self, root: int):
+        import ray
+
         super().__init__(name="vaegan-idle-ray", daemon=True)
         self.root = root
+        # Ray's daemons are the driver's children that run from Ray's package (GCS, raylet,
+        # dashboard, log monitor); the driver's other children (a test's servers, the user's
+        # subprocesses) are not Ray's to demote, nor is anything they start.
+        self.ray_dir = os.path.dirname(os.path.abspath(ray.__file__)).encode() + b"/"
         self.moved: set[tuple[int, bytes]] = set()  # (pid, start time): a pid is reused
         self._done = threading.Event()
 
@@ -210,18 +216,20 @@ class IdleRay(threading.Thread):
                     continue
                 children.setdefault(int(fields[1]), []).append(int(entry.name))
                 started[int(entry.name)] = fields[19]
-        moved, todo = 0, list(children.get(self.root, []))
+        moved, todo = 0, [(pid, True) for pid in children.get(self.root, [])]
         while todo:
-            pid = todo.pop()
+            pid, daemon = todo.pop()
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
                     argv = f.read().split(b"\0")
             except OSError:
                 continue
+            if daemon and not any(arg.startswith(self.ray_dir) for arg in argv):
+                continue
             title = argv[0].decode(errors="replace")
             if title.startswith(self.KEPT):
                 continue  # nor its children: a training worker's data loaders
-            todo.extend(children.get(pid, []))
+            todo.extend((child, False) for child in children.get(pid, []))
             if title.endswith("/raylet") or (pid, started[pid]) in self.moved:
                 continue
             self.moved.add((pid, started[pid]))
