@@ -172,7 +172,8 @@ class IdleRay(threading.Thread):
     fifteen processes waking as Ray's do beside the mnist32 step on 2 threads (docs/results.md,
     "Ray's wake-ups at idle priority"): the step lost 17-22% to them at normal priority, 6-7% at
     idle priority (about their own CPU time), and as much as at normal with SCHED_BATCH or
-    nice 19.
+    nice 19. Only for a step at nice 0, hence `connect`'s RAY_worker_niceness=0: against a
+    nice-15 thread (Ray's default) idle-priority processes still win the core.
 
     Left at normal priority: the raylet (it forks every worker, and a worker would inherit
     SCHED_IDLE, which an unprivileged process cannot leave), a worker not yet given its actor
