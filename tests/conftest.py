@@ -2,6 +2,7 @@
 servers.py, with the free-port and wait-for-server helpers; they are imported here so every
 test module sees them."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,13 @@ from PIL import Image
 from servers import mlflow_server, ray_local, s3_bucket, s3_server  # noqa: F401  (fixtures)
 
 from vaegan.config import load_config
+
+# Two test modules run at once (pytest-xdist), each with its own local Ray: a Ray whose own
+# processes run at idle priority (cluster.IdleRay, for a machine given to one training) waits
+# for cores behind the other module's training: with it the suite took 1,299-1,452 s against
+# 1,199 without (the IdleRay test alone: 91 s beside another module, 19 s on a quiet machine).
+# Off here, in this process and the subprocesses it starts; tests/test_console.py checks it.
+os.environ.setdefault("VAEGAN_IDLE_RAY", "0")
 
 
 @pytest.fixture
