@@ -82,21 +82,21 @@ def connect(cpus_needed: float = 1, *, min_cpus: int = 0) -> None:
     # they import Ray while the run starts, then idle at 0.012 cores each until Ray kills them
     # (a run's actors fill its pool; an idle Ray keeps them). The raylet reads the setting
     # from its environment at start.
-    prestart = {} if PRESTART_ENV in os.environ else {PRESTART_ENV: "0"}
+    ray_env = {} if PRESTART_ENV in os.environ else {PRESTART_ENV: "0"}
     # The step first: Ray's own processes at idle priority (IdleRay), and its workers at nice 0
     # instead of Ray's 15, against whose small weight even idle-priority processes win the
     # core (docs/results.md). VAEGAN_IDLE_RAY=0 leaves both as Ray sets them.
     idle = os.environ.get(IDLE_RAY_ENV, "1") != "0" and hasattr(os, "SCHED_IDLE")
     if idle and NICENESS_ENV not in os.environ:
-        prestart[NICENESS_ENV] = "0"
-    os.environ.update(prestart)
+        ray_env[NICENESS_ENV] = "0"
+    os.environ.update(ray_env)
     try:
         ray.init(address="local", num_cpus=max(min_cpus, os.cpu_count() or 1, math.ceil(cpus_needed)),
                  include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=True,
                  runtime_env={"worker_process_setup_hook": "vaegan.cluster.quiet_local_worker",
                               "env_vars": env_vars})
     finally:
-        for name in prestart:
+        for name in ray_env:
             os.environ.pop(name, None)
     _started_gcs = ray.get_runtime_context().gcs_address
     if idle:
@@ -256,12 +256,8 @@ def keep_normal_priority() -> bool:
     `IdleRay`); -> False if the OS refused (an unprivileged process may not leave SCHED_IDLE)."""
     if not hasattr(os, "SCHED_IDLE") or os.sched_getscheduler(0) != os.SCHED_IDLE:
         return True
-    try:
-        for tid in os.listdir("/proc/self/task"):
-            os.sched_setscheduler(int(tid), os.SCHED_OTHER, os.sched_param(0))
-    except PermissionError:
-        return False
-    return True
+    _set_policy(os.getpid(), os.SCHED_OTHER)
+    return os.sched_getscheduler(0) == os.SCHED_OTHER
 
 
 TUNE_COPIED_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN",
