@@ -159,3 +159,53 @@ def test_a_training_worker_leaves_idle_priority():
     caps = int(next(x for x in open("/proc/self/status") if x.startswith("CapEff")).split()[1], 16)
     allowed = bool(caps >> 23 & 1) or resource.getrlimit(resource.RLIMIT_NICE)[0] >= 20 - os.nice(0)
     assert result == {"kept": allowed, "policy": os.SCHED_OTHER if allowed else os.SCHED_IDLE}, result
+
+
+def _descendants(root: int) -> dict[str, int]:
+    """Title -> pid of the processes under `root`."""
+    parent, title = {}, {}
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            parent[int(p)] = int(open(f"/proc/{p}/stat", "rb").read().rsplit(b")", 1)[1].split()[1])
+            title[int(p)] = open(f"/proc/{p}/cmdline", "rb").read().split(b"\0")[0].decode()
+        except (OSError, ValueError):  # gone
+            pass
+    found, todo = {}, [root]
+    while todo:
+        pid = todo.pop()
+        for child in (c for c, p in parent.items() if p == pid and c in title):
+            found[title[child]] = child
+            todo.append(child)
+    return found
+
+
+def test_idle_ray_leaves_a_starting_worker_alone():
+    """Which processes one look of IdleRay moves, on a tree that mimics a local Ray's (titles
+    set with bash's `exec -a`): a worker still importing Ray (not yet titled) stays at normal
+    priority, as moved it could not come back without CAP_SYS_NICE (in CI a training worker
+    stayed at idle priority so)."""
+    from vaegan.cluster import IdleRay
+
+    ray_dir = IdleRay(0).ray_dir.decode()
+    titles = {"gcs_server": f"{ray_dir}core/src/ray/gcs/gcs_server", "helper": "ray::Helper",
+              "agent": "ray::DashboardAgent", "starting worker": "/usr/bin/python3",
+              "pooled worker": "ray::IDLE", "training worker": "ray::RayTrainWorker.train_fn",
+              "raylet": "/opt/ray/raylet", "not Ray's": "sleep"}
+    workers = " ".join(f"(exec -a '{titles[k]}' sleep 60) &" for k in list(titles)[1:6])
+    tree = (f"(exec -a '{titles['gcs_server']}' sleep 60) & (exec -a sleep sleep 60) & "
+            f"(exec -a {titles['raylet']} bash -c \"{workers} wait\" -- {ray_dir}) & wait")
+    root = subprocess.Popen(["bash", "-c", tree], start_new_session=True)  # a group to kill
+    try:
+        deadline = time.time() + 20
+        while not set(titles.values()) <= _descendants(root.pid).keys() and time.time() < deadline:
+            time.sleep(0.05)  # until all eight have exec'd to their titles
+        IdleRay(root.pid).scan()
+        found = _descendants(root.pid)
+        policy = {name: os.sched_getscheduler(found[title]) for name, title in titles.items()}
+    finally:
+        os.killpg(root.pid, 9)
+        root.wait()
+    idle, other = os.SCHED_IDLE, os.SCHED_OTHER
+    assert policy == {"gcs_server": idle, "helper": idle, "agent": idle, "starting worker": other,
+                      "pooled worker": other, "training worker": other, "raylet": other,
+                      "not Ray's": other}, policy

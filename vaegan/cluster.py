@@ -176,8 +176,9 @@ class IdleRay(threading.Thread):
     nice-15 thread (Ray's default) idle-priority processes still win the core.
 
     Left at normal priority: the raylet (it forks every worker, and a worker would inherit
-    SCHED_IDLE, which an unprivileged process cannot leave), a worker not yet given its actor
-    (`ray::IDLE`: it may become a training worker), training workers and their children."""
+    SCHED_IDLE, which an unprivileged process cannot leave), a worker still starting (not yet
+    titled) or not yet given its actor (`ray::IDLE`): it may become a training worker; training
+    workers and their children."""
 
     KEPT = ("ray::IDLE", "ray::RayTrainWorker")  # process titles left at normal priority
 
@@ -205,7 +206,8 @@ class IdleRay(threading.Thread):
             interval = 0.5 if self.scan() else min(2 * interval, 8.0)
 
     def scan(self) -> int:
-        """Move the new processes to SCHED_IDLE; -> how many."""
+        """Move the new processes to SCHED_IDLE; -> how many, plus the workers still starting
+        (looked at again soon)."""
         children: dict[int, list[int]] = {}
         started: dict[int, bytes] = {}
         for entry in os.scandir("/proc"):
@@ -217,25 +219,34 @@ class IdleRay(threading.Thread):
                     continue
                 children.setdefault(int(fields[1]), []).append(int(entry.name))
                 started[int(entry.name)] = fields[19]
-        moved, todo = 0, [(pid, True) for pid in children.get(self.root, [])]
+        moved = starting = 0
+        todo = [(pid, "daemon") for pid in children.get(self.root, [])]
         while todo:
-            pid, daemon = todo.pop()
+            pid, kind = todo.pop()
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
                     argv = f.read().split(b"\0")
             except OSError:
                 continue
-            if daemon and not any(arg.startswith(self.ray_dir) for arg in argv):
+            if kind == "daemon" and not any(arg.startswith(self.ray_dir) for arg in argv):
                 continue
             title = argv[0].decode(errors="replace")
             if title.startswith(self.KEPT):
                 continue  # nor its children: a training worker's data loaders
-            todo.extend((child, False) for child in children.get(pid, []))
-            if title.endswith("/raylet") or (pid, started[pid]) in self.moved:
+            if kind == "worker" and not title.startswith("ray::"):
+                # A worker still importing Ray, not yet titled: it may become a training
+                # worker, and once moved it could not leave SCHED_IDLE without CAP_SYS_NICE.
+                starting += 1
+                continue
+            if title.endswith("/raylet"):
+                todo.extend((child, "worker") for child in children.get(pid, []))
+                continue
+            todo.extend((child, "other") for child in children.get(pid, []))
+            if (pid, started[pid]) in self.moved:
                 continue
             self.moved.add((pid, started[pid]))
             moved += _set_policy(pid, os.SCHED_IDLE)
-        return moved
+        return moved + starting
 
 
 def _set_policy(pid: int, policy: int) -> int:
