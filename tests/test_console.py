@@ -101,12 +101,14 @@ pids = {"worker": worker, "loader": loader, "helper": helper, "driver's child": 
 for p in os.listdir("/proc"):  # this driver's children (another Ray may run beside it)
     try:
         parent = int(open(f"/proc/{p}/stat", "rb").read().rsplit(b")", 1)[1].split()[1])
-        exe = open(f"/proc/{p}/cmdline", "rb").read().split(b"\\0")[0].decode()
+        argv = open(f"/proc/{p}/cmdline", "rb").read().decode().split("\\0")
     except (OSError, ValueError):
         continue
     for name in ("gcs_server", "raylet"):
-        if parent == os.getpid() and exe.endswith("/" + name):
+        if parent == os.getpid() and argv[0].endswith("/" + name):
             pids[name] = int(p)
+    if parent == os.getpid() and any(a.endswith("/log_monitor.py") for a in argv):
+        log_monitor_env = open(f"/proc/{p}/environ", "rb").read().decode().split("\\0")
 def policies():
     return {name: sorted({os.sched_getscheduler(int(t)) for t in os.listdir(f"/proc/{pid}/task")})
             for name, pid in pids.items()}
@@ -114,7 +116,9 @@ deadline = time.time() + 30  # the watcher looks every 0.5-8 s
 while policies()["helper"] != [os.SCHED_IDLE] and time.time() < deadline:
     time.sleep(0.5)
 print(json.dumps({"idle_workers": idle_workers, "IDLE": os.SCHED_IDLE, "OTHER": os.SCHED_OTHER,
-                  "policies": policies(), "worker_nice": os.getpriority(os.PRIO_PROCESS, worker)}))
+                  "policies": policies(), "worker_nice": os.getpriority(os.PRIO_PROCESS, worker),
+                  "log_files_threshold": [v for v in log_monitor_env
+                                          if v.startswith("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD=")]}))
 cluster.shutdown()
 """
 
@@ -137,6 +141,8 @@ def test_a_local_ray_idles_beside_the_step():
     assert out["policies"] == {"worker": other, "loader": other, "raylet": other, "driver's child": other,
                                "helper": idle, "gcs_server": idle}, out
     assert out["worker_nice"] == 0, out
+    # the log monitor lists the log folder every 0.5 s, not at each 0.1 s poll
+    assert out["log_files_threshold"] == ["RAY_LOG_MONITOR_MANY_FILES_THRESHOLD=0"], out
 
 
 def test_a_training_worker_leaves_idle_priority():
