@@ -26,9 +26,10 @@ def eager_and_compiled(cfg):
             compiled_model, TrainStep.for_model(compiled_model, compiled_cfg))
 
 
-def assert_same_gradients(cfg, calls, rtol, atol):
+def assert_same_gradients(cfg, calls, rtol, atol, scale=0.0):
     """`calls` gradient computations (no optimizer steps: RMSProp's first step is about
-    lr * sign(g), which would turn rounding differences of tiny gradients into 2 * lr)."""
+    lr * sign(g), which would turn rounding differences of tiny gradients into 2 * lr).
+    Each element within atol + rtol * its size + `scale` * the tensor's largest."""
     model, eager, compiled_model, compiled = eager_and_compiled(cfg)
     m = cfg.model
     x = torch.rand(8, m.channels, m.image_size, m.image_size) * 2 - 1
@@ -45,7 +46,7 @@ def assert_same_gradients(cfg, calls, rtol, atol):
                 if a is None or b is None:  # a network the mode does not train
                     assert a is None and b is None, f"{name} param {i}"
                     continue
-                torch.testing.assert_close(b, a, rtol=rtol, atol=atol,
+                torch.testing.assert_close(b, a, rtol=rtol, atol=atol + scale * a.abs().max().item(),
                                            msg=lambda m, i=i, name=name: f"{name} param {i}: {m}")
         assert m_compiled == pytest.approx(m_eager, rel=1e-4, abs=1e-6)
     for (k, a), b in zip(model.state_dict().items(), compiled_model.state_dict().values(),
@@ -69,9 +70,16 @@ def test_the_traced_form_of_the_step_has_the_eager_gradients(debug_cfg, monkeypa
 
 @pytest.mark.slow
 def test_compiled_step_has_the_eager_gradients(debug_cfg):
-    """On the compiling call and on the next one (which runs the compiled code)."""
+    """On the compiling call and on the next one (which runs the compiled code).
+
+    Inductor's fused kernels sum in another order than eager's, and batch norm over 8 images
+    and a saturating discriminator amplify that: on an AVX2-only CPU (AMD EPYC) an element
+    was 2.3e-4 off in a tensor whose largest gradient is 1.29 (5.7e-5 of its norm), and over
+    six seeds up to 0.4% of a tensor's largest gradient (it passed elementwise on Intel AMX
+    machines). Hence the allowance of 1% of each tensor's largest; a missing or misplaced
+    term (a wrong gradient cut, gamma not applied) moves gradients by tens of percent."""
     debug_cfg.loss.gamma = 0.3  # both parts of the decoder's gradient visible
-    assert_same_gradients(debug_cfg, calls=2, rtol=1e-3, atol=1e-5)
+    assert_same_gradients(debug_cfg, calls=2, rtol=1e-3, atol=1e-5, scale=1e-2)
 
 
 def test_compile_refuses_ddp_wrapped_networks(debug_cfg, monkeypatch):

@@ -136,16 +136,20 @@ helper wait-http "$s3" "$(cat "$state/s3.pid")" 60
 helper make-bucket "$s3" "$bucket"
 say "S3 $s3 (bucket $bucket) and PostgreSQL ($run/postgres) up"
 
-# MLflow: PostgreSQL backend, artifacts proxied to S3 (only the server talks to S3 for them).
+helper wait-http "$dashboard/api/version" "$(cat "$state/ray-head.pid")" 120
+helper wait-nodes "$dashboard" 1 60 "$(cat "$state/ray-head.pid")"
+say "Ray head up: $dashboard"
+
+# MLflow once the head is up, not beside it: a node's raylet waits a fixed 30 s (not a
+# setting in this Ray) for its dashboard agent to start, then aborts, and on 2 busy cores
+# the head's agent, importing beside the dashboard, MLflow and another test's training,
+# once took longer (docs/platform.md).
+# PostgreSQL backend, artifacts proxied to S3 (only the server talks to S3 for them).
 # No background job runner (huey workers): nothing here uses it, and it costs 4 processes.
 MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false MLFLOW_S3_ENDPOINT_URL="$s3" \
 start mlflow "$venv_bin/mlflow" server --backend-store-uri "$pg_uri" \
     --artifacts-destination "s3://$bucket/mlflow" --serve-artifacts \
     --host 127.0.0.1 --port "$mlflow_port" --workers 1
-
-helper wait-http "$dashboard/api/version" "$(cat "$state/ray-head.pid")" 120
-helper wait-nodes "$dashboard" 1 60 "$(cat "$state/ray-head.pid")"
-say "Ray head up: $dashboard"
 # Worker nodes one at a time: two raylets registering at once timed out on 2 cores.
 for i in $(seq 1 "$workers"); do
     start "ray-worker-$i" "$venv_bin/ray" start --block --address="127.0.0.1:$ray_port" \
