@@ -169,18 +169,16 @@ def test_a_training_worker_leaves_idle_priority():
 
 def _descendants(root: int) -> dict[str, int]:
     """Title -> pid of the processes under `root`."""
-    parent, title = {}, {}
-    for p in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            parent[int(p)] = int(open(f"/proc/{p}/stat", "rb").read().rsplit(b")", 1)[1].split()[1])
-            title[int(p)] = open(f"/proc/{p}/cmdline", "rb").read().split(b"\0")[0].decode()
-        except (OSError, ValueError):  # gone
-            pass
+    from vaegan.cluster import process_tree
+
+    children, _ = process_tree()
     found, todo = {}, [root]
     while todo:
-        pid = todo.pop()
-        for child in (c for c, p in parent.items() if p == pid and c in title):
-            found[title[child]] = child
+        for child in children.get(todo.pop(), []):
+            try:
+                found[open(f"/proc/{child}/cmdline", "rb").read().split(b"\0")[0].decode()] = child
+            except (OSError, ValueError):  # gone
+                continue
             todo.append(child)
     return found
 

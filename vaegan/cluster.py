@@ -215,17 +215,7 @@ class IdleRay(threading.Thread):
     def scan(self) -> int:
         """Move the new processes to SCHED_IDLE; -> how many, plus the workers still starting
         (looked at again soon)."""
-        children: dict[int, list[int]] = {}
-        started: dict[int, bytes] = {}
-        for entry in os.scandir("/proc"):
-            if entry.name.isdigit():
-                try:
-                    with open(f"/proc/{entry.name}/stat", "rb") as f:
-                        fields = f.read().rsplit(b")", 1)[1].split()
-                except OSError:  # gone
-                    continue
-                children.setdefault(int(fields[1]), []).append(int(entry.name))
-                started[int(entry.name)] = fields[19]
+        children, started = process_tree()
         moved = starting = 0
         todo = [(pid, "daemon") for pid in children.get(self.root, [])]
         while todo:
@@ -254,6 +244,23 @@ class IdleRay(threading.Thread):
             self.moved.add((pid, started[pid]))
             moved += _set_policy(pid, os.SCHED_IDLE)
         return moved + starting
+
+
+def process_tree() -> tuple[dict[int, list[int]], dict[int, bytes]]:
+    """This machine's processes from /proc: parent pid -> child pids, and pid -> start time
+    (a pid is reused; the pair names one process)."""
+    children: dict[int, list[int]] = {}
+    started: dict[int, bytes] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+            except OSError:  # gone
+                continue
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+            started[int(entry.name)] = fields[19]
+    return children, started
 
 
 def _set_policy(pid: int, policy: int) -> int:
