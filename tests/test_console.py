@@ -86,7 +86,7 @@ idle_workers = len(list_workers(filters=[("worker_type", "=", "WORKER")]))
 class RayTrainWorker:  # the title of Ray Train's workers
     def start_child(self):  # as a data loader
         self.child = subprocess.Popen(["sleep", "60"])
-        return os.getpid(), self.child.pid, os.environ.get("VAEGAN_IDLE_HELPER_THREADS")
+        return os.getpid(), self.child.pid
 
 @ray.remote(num_cpus=0)
 class Helper:  # as Train's controller and helper actors, which start after the trainer
@@ -94,7 +94,7 @@ class Helper:  # as Train's controller and helper actors, which start after the 
         return os.getpid()
 
 actors = RayTrainWorker.remote(), Helper.remote()  # held: an actor without a handle ends
-worker, loader, idle_helpers = ray.get(actors[0].start_child.remote())
+worker, loader = ray.get(actors[0].start_child.remote())
 helper = ray.get(actors[1].pid.remote())
 mine = subprocess.Popen(["sleep", "60"])  # the driver's own child: not Ray's
 pids = {"worker": worker, "loader": loader, "helper": helper, "driver's child": mine.pid}
@@ -117,7 +117,6 @@ while policies()["helper"] != [os.SCHED_IDLE] and time.time() < deadline:
     time.sleep(0.5)
 print(json.dumps({"idle_workers": idle_workers, "IDLE": os.SCHED_IDLE, "OTHER": os.SCHED_OTHER,
                   "policies": policies(), "worker_nice": os.getpriority(os.PRIO_PROCESS, worker),
-                  "idle_helpers": idle_helpers,
                   "log_files_threshold": [v for v in log_monitor_env
                                           if v.startswith("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD=")]}))
 cluster.shutdown()
@@ -142,7 +141,6 @@ def test_a_local_ray_idles_beside_the_step():
     assert out["policies"] == {"worker": other, "loader": other, "raylet": other, "driver's child": other,
                                "helper": idle, "gcs_server": idle}, out
     assert out["worker_nice"] == 0, out
-    assert out["idle_helpers"] == "1", out  # a training worker's own helper threads, too
     # the log monitor lists the log folder every 0.5 s, not at each 0.1 s poll
     assert out["log_files_threshold"] == ["RAY_LOG_MONITOR_MANY_FILES_THRESHOLD=0"], out
 
@@ -167,61 +165,6 @@ def test_a_training_worker_leaves_idle_priority():
     caps = int(next(x for x in open("/proc/self/status") if x.startswith("CapEff")).split()[1], 16)
     allowed = bool(caps >> 23 & 1) or resource.getrlimit(resource.RLIMIT_NICE)[0] >= 20 - os.nice(0)
     assert result == {"kept": allowed, "policy": os.SCHED_OTHER if allowed else os.SCHED_IDLE}, result
-
-
-HELPER_THREADS = """
-import ctypes, json, os, threading
-from vaegan.cluster import idle_helper_threads
-
-def policy():
-    return os.sched_getscheduler(0)
-
-def park(name, out, go):  # a helper thread: named (comm) as gloo's and Ray's are, then waits
-    ctypes.CDLL(None).prctl(15, name.encode(), 0, 0, 0)  # PR_SET_NAME
-    out[name] = threading.get_native_id()
-    go.wait()
-    out[name] = policy()
-
-out, go = {}, threading.Event()
-helpers = [threading.Thread(target=park, args=(n, out, go)) for n in ("worker.io", "gloo_tcp_loop")]
-for t in helpers:
-    t.start()
-while len(out) < 2:
-    pass
-
-def training_thread():
-    out["moved"] = idle_helper_threads(int(os.environ["WORLD"]))
-    out["training thread"] = policy()
-    later = threading.Thread(target=lambda: out.update(later=policy()))  # as its OpenMP team
-    later.start()
-    later.join()
-
-t = threading.Thread(target=training_thread)
-t.start()
-t.join()
-go.set()
-for h in helpers:
-    h.join()
-out["main"] = policy()
-print(json.dumps(out))
-"""
-
-
-@pytest.mark.parametrize(("setting", "world"), [("1", 2), ("1", 1), (None, 2)])
-def test_a_training_worker_idles_its_helper_threads(setting, world):
-    """In a local Ray's training worker (VAEGAN_IDLE_HELPER_THREADS=1, set by `connect`), the
-    training thread moves the process's other threads to idle priority (Ray's, the main
-    thread), and gloo's I/O loop too when there is no other rank; it and the threads it starts
-    later stay at normal."""
-    env = {**env_with_venv(), "VAEGAN_IDLE_HELPER_THREADS": setting or "", "WORLD": str(world)}
-    proc = subprocess.run([str(BIN / "python"), "-c", HELPER_THREADS], env=env, capture_output=True,
-                          text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout)
-    idle = os.SCHED_IDLE if setting else os.SCHED_OTHER
-    gloo = idle if world == 1 else os.SCHED_OTHER
-    assert out == {"moved": (2 + (world == 1)) if setting else 0, "training thread": os.SCHED_OTHER,
-                   "later": os.SCHED_OTHER, "worker.io": idle, "gloo_tcp_loop": gloo, "main": idle}, out
 
 
 def _descendants(root: int) -> dict[str, int]:

@@ -42,7 +42,6 @@ PRESTART_ENV = "RAY_prestart_worker_first_driver"  # off on a local Ray (`connec
 NICENESS_ENV = "RAY_worker_niceness"  # 0 on a local Ray (`connect`), with IdleRay
 LOG_FILES_ENV = "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD"  # 0 on a local Ray (`connect`)
 IDLE_RAY_ENV = "VAEGAN_IDLE_RAY"  # "0": leave a local Ray's own processes at normal priority (`IdleRay`)
-IDLE_HELPERS_ENV = "VAEGAN_IDLE_HELPER_THREADS"  # "1" in a local Ray's workers with IdleRay on
 _started_gcs: str | None = None  # the GCS address of the local Ray that `connect` started, if any
 _started_api_server: str | None = None  # API_SERVER_ENV before `connect` set it
 _idle_ray: IdleRay | None = None  # watching the local Ray that `connect` started
@@ -97,8 +96,6 @@ def connect(cpus_needed: float = 1, *, min_cpus: int = 0) -> None:
     idle = os.environ.get(IDLE_RAY_ENV, "1") != "0" and hasattr(os, "SCHED_IDLE")
     if idle and NICENESS_ENV not in os.environ:
         ray_env[NICENESS_ENV] = "0"
-    if idle:  # read by the training workers (`idle_helper_threads`); a user's value wins
-        env_vars[IDLE_HELPERS_ENV] = os.environ.get(IDLE_HELPERS_ENV, "1")
     os.environ.update(ray_env)
     try:
         ray.init(address="local", num_cpus=max(min_cpus, os.cpu_count() or 1, math.ceil(cpus_needed)),
@@ -297,32 +294,6 @@ def keep_normal_priority() -> bool:
         return True
     _set_policy(os.getpid(), os.SCHED_OTHER)
     return os.sched_getscheduler(0) == os.SCHED_OTHER
-
-
-def idle_helper_threads(world_size: int = 1) -> int:
-    """In a training worker of a local Ray with `IdleRay` on, called first in the training
-    thread: every other thread of this process to SCHED_IDLE, except gloo's I/O loop when
-    there are other ranks (it moves the gradients); -> how many were moved.
-
-    Why: beside the step's threads a training worker runs Ray's (its main thread checks for
-    signals every 10 ms, gRPC pollers, its io service), each waking at normal priority and
-    preempting a step thread that the others then wait for (IdleRay's reason, inside the
-    process): about 130 wake-ups a second, and gloo's loop another 100 (Ray Train sets up the
-    process group for a single worker too, with no rank to talk to). What this thread starts
-    later (the step's OpenMP team, data loader processes, MLflow's threads) keeps its normal
-    priority; what the idle threads start inherits theirs."""
-    if os.environ.get(IDLE_HELPERS_ENV) != "1" or not hasattr(os, "SCHED_IDLE"):
-        return 0
-    me, moved = threading.get_native_id(), 0
-    with contextlib.suppress(OSError):
-        for tid in os.listdir("/proc/self/task"):
-            with contextlib.suppress(OSError):  # a thread that ended
-                with open(f"/proc/self/task/{tid}/comm") as f:
-                    if int(tid) == me or (world_size > 1 and f.read().startswith("gloo")):
-                        continue
-                os.sched_setscheduler(int(tid), os.SCHED_IDLE, os.sched_param(0))
-                moved += 1
-    return moved
 
 
 TUNE_COPIED_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN",

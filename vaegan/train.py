@@ -180,7 +180,7 @@ def set_up(config: dict) -> Worker:
 
     from vaegan import distributed
     from vaegan.allocator import keep_freed_memory
-    from vaegan.cluster import idle_helper_threads, keep_normal_priority, node_id
+    from vaegan.cluster import keep_normal_priority, node_id
     from vaegan.step import TrainStep
     from vaegan.tracking import MlflowLogger, NullLogger
 
@@ -192,7 +192,6 @@ def set_up(config: dict) -> Worker:
     if not keep_normal_priority():
         say(f"[vaegan] warning: rank {rank} runs at idle CPU priority and may not leave it; "
             "set VAEGAN_IDLE_RAY=0 for this driver")
-    idle_helper_threads(world)  # before this thread starts any of its own (the step's OpenMP team)
     device = ray.train.torch.get_device()
     if device.type == "cuda":  # fixed shapes every step: let cuDNN pick its fastest kernels once
         torch.backends.cudnn.benchmark = True
