@@ -82,7 +82,8 @@ def _seed():
 # workers end together. Seconds with one worker (`--durations=0`); the rest take under 40 s.
 MODULE_SECONDS = {"test_tune.py": 297, "test_faults.py": 194, "test_registry.py": 186,
                   "test_cluster.py": 160, "test_secrets.py": 116, "test_tracking_outage.py": 104,
-                  "test_train.py": 99, "test_console.py": 88, "test_storage_outage.py": 88}
+                  "test_train.py": 99, "test_console.py": 88, "test_storage_outage.py": 88,
+                  "test_bench.py": 67}
 
 
 def pytest_collection_modifyitems(items):

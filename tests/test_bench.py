@@ -3,6 +3,7 @@ weights and noise, its Dis update equals ours; and the FLOP count shows the savi
 
 import copy
 import json
+import time
 
 import pytest
 import torch
@@ -78,7 +79,6 @@ def test_cpu_sampler_accounts_a_busy_process_in_its_group(tmp_path):
     with the CPU time it measured itself."""
     import subprocess
     import sys
-    import time
 
     from vaegan.bench_train import CpuSampler, cpu_group
 
@@ -94,3 +94,44 @@ def test_cpu_sampler_accounts_a_busy_process_in_its_group(tmp_path):
     own = float(child.stdout)  # the child's CPU seconds, interpreter start included
     seen = cpu.cores(start, end)["spinner"] * (end - start)
     assert own - 0.05 <= seen <= own + 0.05, (own, seen)
+
+
+def test_cpu_sampler_keeps_a_training_worker_in_its_group():
+    """A Ray worker is classified afresh at each sample (it starts as ray::IDLE), but once a
+    training worker always one: as it exits its title is gone, and its CPU time must not
+    move to another group (it did, to Ray's, in a bench whose last sample came after it)."""
+    from vaegan.bench_train import CpuSampler
+
+    title = {"now": "training workers"}
+    cpu = CpuSampler(classify=lambda cmd, parent_cmd, pid, me: title["now"] if pid == me else "other")
+    cpu._sample()
+    title["now"] = "Ray"
+    cpu._sample()
+    mine = time.process_time()
+    assert cpu.totals[-1]["Ray"] == 0 and cpu.totals[-1]["training workers"] >= mine - 0.5, cpu.totals
+
+
+@pytest.mark.slow
+def test_cli_bench_train_times_the_real_loop_beside_the_bare_step(tmp_path, mnist_shards):
+    """`vaegan bench train` end to end (its own local Ray, a temporary MLflow store): the
+    figures come from the run's own reports, at the preset's report interval."""
+    import subprocess
+
+    from servers import BIN, env_with_venv
+
+    env = {**env_with_venv(), "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([str(BIN / "vaegan"), "bench", "train", "--preset", "debug", "--workers", "1",
+                           "--threads", "1", "--steps", "30", "--warmup", "10", "--json",
+                           f"data.shards={mnist_shards}", "data.loader_workers=0"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    r = json.loads(proc.stdout[proc.stdout.rindex("\n{"):])
+    assert r["log_every"] == 4, r  # the preset's 5, but five reports after the warm-up
+    assert r["images_per_s"] > 0 and r["bare_images_per_s"] > 0, r
+    assert r["ratio"] == pytest.approx(r["images_per_s"] / r["bare_images_per_s"], abs=2e-3), r
+    assert {"data", "step", "report"} <= set(r["per_step_ms"]), r
+    assert sum(r["share"].values()) <= 1.05, r  # parts of the timed window, not more
+    assert r["cores"]["training workers"] > 0 and r["cores"]["Ray"] > 0, r
+    assert not list(tmp_path.iterdir()), list(tmp_path.iterdir())  # it cleans up after itself
