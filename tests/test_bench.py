@@ -129,6 +129,7 @@ def test_cli_bench_train_times_the_real_loop_beside_the_bare_step(tmp_path, mnis
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     r = json.loads(proc.stdout[proc.stdout.rindex("\n{"):])
     assert r["log_every"] == 4, r  # the preset's 5, but five reports after the warm-up
+    assert r["steps_timed"] == 18, r  # the windows from step 12 on: none that holds warm-up steps
     assert r["images_per_s"] > 0 and r["bare_images_per_s"] > 0, r
     assert r["ratio"] == pytest.approx(r["images_per_s"] / r["bare_images_per_s"], abs=2e-3), r
     assert {"data", "step", "report"} <= set(r["per_step_ms"]), r

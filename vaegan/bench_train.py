@@ -7,6 +7,8 @@ the same global batch, precision and layout, workers x threads threads). Reporte
 
     images_per_s        end to end: the images of every report window after the warm-up
                         over the time those windows took (the loop's own clock, all ranks)
+    steps_timed         the steps in those windows (the report windows that start after the
+                        warm-up)
     bare_images_per_s   the bare step (images over time, timed before and after the training,
                         the mean of the two); `ratio` = end to end / bare
     per_step_ms         where a step's time goes on rank 0 (the loop's time_* metrics), averaged
@@ -251,12 +253,15 @@ def bench_train(preset: str = "mnist32", overrides: list[str] | None = None, *, 
             return {m.step: m.value for m in client.get_metric_history(res.mlflow_run_id, name)}
 
         reports = client.get_metric_history(res.mlflow_run_id, "images_per_s")
-        rates = {m.step: m.value for m in reports if m.step > warmup}
-        if not rates:
-            raise ValueError(f"no report after the warm-up of {warmup} steps; raise --steps above it")
-        # Each report covers the steps since the one before; its images over its seconds.
+        # Each report covers the steps since the one before; its images over its seconds. Only
+        # the reports whose window starts after the warm-up count.
         reported = sorted(m.step for m in reports)
-        spans = {s: s - prev for prev, s in zip([0, *reported], reported, strict=False) if s in rates}
+        starts = dict(zip(reported, [0, *reported], strict=False))
+        rates = {m.step: m.value for m in reports if starts[m.step] >= warmup}
+        if not rates:
+            raise ValueError(f"no report window after the warm-up of {warmup} steps; raise --steps "
+                             f"(or lower train.log_every, {cfg.train.log_every})")
+        spans = {s: s - starts[s] for s in rates}
         seconds = sum(spans[s] * global_batch / rates[s] for s in rates)
         counted = sum(spans.values())  # the steps timed
         end_to_end = counted * global_batch / seconds
@@ -277,7 +282,8 @@ def bench_train(preset: str = "mnist32", overrides: list[str] | None = None, *, 
             "preset": preset, "workers": workers, "threads_per_worker": threads, "global_batch": global_batch,
             "precision": resolve_precision(cfg.train.precision, device), "device": device.type,
             "channels_last": cfg.train.channels_last, "steps": steps,
-            "warmup": warmup, "log_every": cfg.train.log_every, "images_per_s": round(end_to_end, 1),
+            "warmup": warmup, "log_every": cfg.train.log_every, "steps_timed": counted,
+            "images_per_s": round(end_to_end, 1),
             "bare_images_per_s": round(bare, 1),
             "ratio": round(end_to_end / bare, 3) if bare else math.nan,
             "per_step_ms": {k: round(v, 2) for k, v in per_step.items()},
@@ -291,7 +297,8 @@ def bench_train(preset: str = "mnist32", overrides: list[str] | None = None, *, 
 def format_report(r: dict) -> str:
     lines = [f"vaegan bench train: {r['preset']}, {r['workers']} worker(s) x {r['threads_per_worker']} "
              f"thread(s), global batch {r['global_batch']}, precision {r['precision']}, "
-             f"{r['steps']} steps ({r['warmup']} warm-up, a report every {r['log_every']})",
+             f"{r['steps']} steps ({r['warmup']} warm-up, a report every {r['log_every']}, "
+             f"{r['steps_timed']} timed)",
              f"  {'end to end':<28} {r['images_per_s']:>9.1f} images/s",
              f"  {'bare step, one process':<28} {r['bare_images_per_s']:>9.1f} images/s",
              f"  {'ratio':<28} {r['ratio']:>9.3f}",
