@@ -133,24 +133,19 @@ class CpuSampler:
             self._sample()
 
     def _sample(self) -> None:
+        from vaegan.cluster import process_stats
+
         now, me = time.time(), os.getpid()
         procs = {}  # pid -> (parent pid, start time, cpu s, command line)
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
+        for pid, (ppid, start, ticks, name) in process_stats().items():
             try:
-                with open(f"/proc/{entry.name}/stat", "rb") as f:
-                    stat = f.read()
-                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
                     cmdline = f.read()
             except OSError:  # gone, or not ours to read
                 continue
-            name, fields = stat[stat.index(b"(") + 1:stat.rindex(b")")], stat.rsplit(b")", 1)[1].split()
             # the title a process gave itself (ray::...) is its cmdline; a kernel thread has none
             cmd = cmdline.replace(b"\0", b" ").strip() or name
-            procs[int(entry.name)] = (int(fields[1]), fields[19],
-                                      (int(fields[11]) + int(fields[12])) / self._tick,
-                                      cmd.decode(errors="replace"))
+            procs[pid] = (ppid, start, ticks / self._tick, cmd.decode(errors="replace"))
         for pid, (ppid, start, seconds, cmd) in procs.items():
             parent_cmd = procs[ppid][3] if ppid in procs else ""
             # Classified afresh each time: a Ray worker starts as ray::IDLE and takes its

@@ -257,20 +257,30 @@ class IdleRay(threading.Thread):
         return moved + starting
 
 
-def process_tree() -> tuple[dict[int, list[int]], dict[int, bytes]]:
-    """This machine's processes from /proc: parent pid -> child pids, and pid -> start time
-    (a pid is reused; the pair names one process)."""
-    children: dict[int, list[int]] = {}
-    started: dict[int, bytes] = {}
+def process_stats() -> dict[int, tuple[int, bytes, int, bytes]]:
+    """This machine's processes from /proc/PID/stat: pid -> (parent pid, start time, CPU time
+    (user + system) in clock ticks, the name in its stat (comm)). A pid is reused; the pid
+    and its start time name one process."""
+    stats = {}
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
             try:
                 with open(f"/proc/{entry.name}/stat", "rb") as f:
-                    fields = f.read().rsplit(b")", 1)[1].split()
+                    stat = f.read()
             except OSError:  # gone
                 continue
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
-            started[int(entry.name)] = fields[19]
+            name, fields = stat[stat.index(b"(") + 1:stat.rindex(b")")], stat.rsplit(b")", 1)[1].split()
+            stats[int(entry.name)] = (int(fields[1]), fields[19], int(fields[11]) + int(fields[12]), name)
+    return stats
+
+
+def process_tree() -> tuple[dict[int, list[int]], dict[int, bytes]]:
+    """This machine's processes: parent pid -> child pids, and pid -> start time."""
+    children: dict[int, list[int]] = {}
+    started: dict[int, bytes] = {}
+    for pid, (ppid, start, _, _) in process_stats().items():
+        children.setdefault(ppid, []).append(pid)
+        started[pid] = start
     return children, started
 
 
