@@ -57,7 +57,7 @@ def own_objectives(model, cfg, x, eps, z_p, augment_seed=None, adv=1.0, attrs=No
     enc, dec, dis = model.encoder, model.decoder, model.discriminator
     mu, log_var = enc(x)
     z = reparameterize(mu, log_var, eps)
-    fake = dec(torch.cat([z, z_p]))
+    fake = torch.cat([dec(z), dec(z_p)])  # X~ = Dec(Z), X_p = Dec(Z_p): two forwards
     dis_in = torch.cat([x, fake])
     if augment_seed is not None:
         dis_in = augment(dis_in, L.augment_policy, b, torch.Generator().manual_seed(augment_seed))
@@ -215,7 +215,7 @@ def test_dis_l_loss_leaves_the_discriminator_untouched(debug_cfg):
         results.append(grads(model.discriminator))
         b = x.shape[0]
         mu, lv = ref.encoder(x)
-        fake = ref.decoder(torch.cat([reparameterize(mu, lv, nz[0]), nz[1]]))
+        fake = torch.cat([ref.decoder(reparameterize(mu, lv, nz[0])), ref.decoder(nz[1])])
         logits, _ = ref.discriminator(torch.cat([x, fake.detach()]))
         gan_only = torch.autograd.grad(gan_bce(*logits.split(b)),
                                        list(ref.discriminator.parameters()))
@@ -313,7 +313,7 @@ def plain_terms(model, cfg, x, eps, z_p):
     if L.mode == "vae":
         return {"kl_prior": kl_prior(mu, log_var), "llike_dis_l": zero,
                 "llike_pixel": llike_pixel(x, dec(z)), "gan_bce": zero}
-    logits, feats = dis(torch.cat([x, dec(torch.cat([z, z_p]))]))
+    logits, feats = dis(torch.cat([x, dec(z), dec(z_p)]))
     lr, lt, lp = logits.split(b)
     fr, ft, _ = feats.split(b)
     return {"kl_prior": kl_prior(mu, log_var), "llike_dis_l": llike_dis_l(fr, ft), "llike_pixel": zero,

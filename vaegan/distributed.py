@@ -32,13 +32,16 @@ def wrap(model: VAEGAN, device: torch.device, sync_bn: bool = False, ddp: bool |
          ) -> tuple[nn.Module, nn.Module, nn.Module]:
     """(encoder, decoder, discriminator), ready for a distributed step: each in its own DDP
     wrapper when `ddp` (default: on CUDA), else bare, with rank 0's weights and buffers copied
-    to every rank once (as DDP does at wrapping) and their gradients left to `exchange`. Bare,
-    the batch-norm running statistics then stay each rank's own (DDP copies rank 0's to the
-    others before every forward); rank 0's, the ones checkpointed and evaluated, are the same
-    either way: its own batches'.
+    to every rank once (as DDP does at wrapping) and their gradients left to `exchange`. Either
+    way the batch-norm running statistics stay each rank's own; rank 0's are the ones
+    checkpointed and evaluated. DDP is told not to copy rank 0's buffers before every forward:
+    the step runs the decoder twice before its backward (X~ = Dec(Z), X_p = Dec(Z_p)), and
+    torch releases before this one's (2.14) raise on that in-place copy of the first forward's
+    saved batch-norm statistics (pytorch#175024).
 
-    The step runs one forward per network per step and every parameter of a network it
-    uses receives a gradient, so DDP's defaults (no unused-parameter search) hold. Each rank
+    Every parameter of a network the step uses receives a gradient, each once per backward
+    (a parameter used by two forwards accumulates once), so DDP's defaults (no
+    unused-parameter search) hold. Each rank
     keeps its own batch statistics unless `sync_bn`: then batch norm normalises with the
     statistics of the global batch, and N workers compute what one would on all N batches.
     """
@@ -54,7 +57,8 @@ def wrap(model: VAEGAN, device: torch.device, sync_bn: bool = False, ddp: bool |
             convert_global_batchnorm(net)
         if ddp:
             net = nn.parallel.DistributedDataParallel(
-                net, device_ids=[device.index] if device.type == "cuda" else None)
+                net, device_ids=[device.index] if device.type == "cuda" else None,
+                broadcast_buffers=False)
         else:
             for t in [*net.parameters(), *net.buffers()]:
                 dist.broadcast(t.data, 0)
