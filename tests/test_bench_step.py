@@ -29,7 +29,7 @@ def test_plain_port_gradients_are_the_plain_transcription(debug_cfg):
     enc, dec, dis = ref.encoder, ref.decoder, ref.discriminator
     mu, log_var = enc(x)
     z = reparameterize(mu, log_var, eps)
-    fake = torch.cat([dec(z), dec(z_p)])
+    fake = dec(torch.cat([z, z_p]))
     logits, _ = dis(torch.cat([x, fake.detach()]))
     expected = {"discriminator": torch.autograd.grad(gan_bce(*logits.split(8)),
                                                      list(dis.parameters()))}

@@ -47,6 +47,11 @@ def grads(module):
             for p in module.parameters()]
 
 
+def decode(dec, z, z_p, cfg):
+    """[Dec(z); Dec(z_p)]: one forward over both (loss.decoder_bn=joint), or two (separate)."""
+    return dec(torch.cat([z, z_p])) if cfg.loss.decoder_bn == "joint" else torch.cat([dec(z), dec(z_p)])
+
+
 def own_objectives(model, cfg, x, eps, z_p, augment_seed=None, adv=1.0, attrs=None):
     """Each network's objective from one plain full graph (no detaches but the Dis_l(x)
     target), differentiated w.r.t. that network only. `augment_seed`: Dis sees its inputs
@@ -57,7 +62,7 @@ def own_objectives(model, cfg, x, eps, z_p, augment_seed=None, adv=1.0, attrs=No
     enc, dec, dis = model.encoder, model.decoder, model.discriminator
     mu, log_var = enc(x)
     z = reparameterize(mu, log_var, eps)
-    fake = torch.cat([dec(z), dec(z_p)])  # X~ = Dec(Z), X_p = Dec(Z_p): two forwards
+    fake = decode(dec, z, z_p, cfg)
     dis_in = torch.cat([x, fake])
     if augment_seed is not None:
         dis_in = augment(dis_in, L.augment_policy, b, torch.Generator().manual_seed(augment_seed))
@@ -97,12 +102,14 @@ def assert_grads_close(actual, expected, name):
                                    msg=lambda m, i=i: f"{name} param {i}: {m}")
 
 
+@pytest.mark.parametrize("decoder_bn", ["joint", "separate"])
 @pytest.mark.parametrize("recipe", ["paper", "reference"])
 @pytest.mark.parametrize("generator", ["minimax", "nonsaturating"])
 @pytest.mark.parametrize("mode", ["vaegan", "vae_dis_l"])
-def test_each_network_gets_exactly_its_own_gradient(debug_cfg, recipe, generator, mode):
+def test_each_network_gets_exactly_its_own_gradient(debug_cfg, recipe, generator, mode, decoder_bn):
     """VAE/GAN, and the paper's VAE_Dis_l baseline (Enc and Dis as in VAE/GAN, Dec descends
-    L_llike only)."""
+    L_llike only); the decoder's batch norm over [z; z_p] or over each (loss.decoder_bn)."""
+    debug_cfg.loss.decoder_bn = decoder_bn
     # gamma and w of order 1 so both parts of the decoder's gradient are visible
     model, step = make(debug_cfg, mode=mode, recipe=recipe, generator=generator, gamma=0.3, w=0.4)
     x, (eps, z_p) = batch(debug_cfg), noise(debug_cfg)
@@ -215,7 +222,7 @@ def test_dis_l_loss_leaves_the_discriminator_untouched(debug_cfg):
         results.append(grads(model.discriminator))
         b = x.shape[0]
         mu, lv = ref.encoder(x)
-        fake = torch.cat([ref.decoder(reparameterize(mu, lv, nz[0])), ref.decoder(nz[1])])
+        fake = decode(ref.decoder, reparameterize(mu, lv, nz[0]), nz[1], debug_cfg)
         logits, _ = ref.discriminator(torch.cat([x, fake.detach()]))
         gan_only = torch.autograd.grad(gan_bce(*logits.split(b)),
                                        list(ref.discriminator.parameters()))
@@ -313,7 +320,7 @@ def plain_terms(model, cfg, x, eps, z_p):
     if L.mode == "vae":
         return {"kl_prior": kl_prior(mu, log_var), "llike_dis_l": zero,
                 "llike_pixel": llike_pixel(x, dec(z)), "gan_bce": zero}
-    logits, feats = dis(torch.cat([x, dec(z), dec(z_p)]))
+    logits, feats = dis(torch.cat([x, decode(dec, z, z_p, cfg)]))
     lr, lt, lp = logits.split(b)
     fr, ft, _ = feats.split(b)
     return {"kl_prior": kl_prior(mu, log_var), "llike_dis_l": llike_dis_l(fr, ft), "llike_pixel": zero,

@@ -36,7 +36,7 @@ class PlainStep:
     be one backward: Enc's and Dec's objectives differ by terms that reach both through the
     decoder). Per image at celeba64: Dis 2 forwards, 1 weight pass, 2 input-gradient passes;
     Dec 1 forward, 1 weight pass, 1 input-gradient pass; Enc 1 of each: 23.4 GFLOP. The model
-    and batching are the step's (Dec on z and on z_p, one Dis batch [x; x~; x_p]), so batch
+    and batching are the step's (Dec's per loss.decoder_bn, one Dis batch [x; x~; x_p]), so batch
     norm normalises the same samples together; tests/test_bench_step.py checks its gradients.
     It always runs recipe=paper with the minimax decoder objective (celeba64's settings): with
     loss.generator=nonsaturating (mnist32) the step does one more Dis input-gradient pass than
@@ -58,7 +58,11 @@ class PlainStep:
         with amp():
             mu, log_var = enc(x)
             z = reparameterize(mu.float(), log_var.float(), torch.randn(b, latent, device=x.device))
-            x_tilde, x_p = dec(z), dec(torch.randn(b, latent, device=x.device))
+            z_p = torch.randn(b, latent, device=x.device)
+            if self.cfg.loss.decoder_bn == "joint":  # as the step: batch norm over both
+                x_tilde, x_p = dec(torch.cat([z, z_p])).split(b)
+            else:
+                x_tilde, x_p = dec(z), dec(z_p)
             # (1) Update Dis: descend the BCE on x, x~ and x_p (fakes detached)
             logits, _ = dis(torch.cat([x, x_tilde.detach(), x_p.detach()]))
         opt_dis.zero_grad()

@@ -35,7 +35,7 @@ def wrap(model: VAEGAN, device: torch.device, sync_bn: bool = False, ddp: bool |
     to every rank once (as DDP does at wrapping) and their gradients left to `exchange`. Either
     way the batch-norm running statistics stay each rank's own; rank 0's are the ones
     checkpointed and evaluated. DDP is told not to copy rank 0's buffers before every forward:
-    the step runs the decoder twice before its backward (X~ = Dec(Z), X_p = Dec(Z_p)), and
+    with loss.decoder_bn=separate the step runs the decoder twice before its backward, and
     torch releases before this one's (2.14) raise on that in-place copy of the first forward's
     saved batch-norm statistics (pytorch#175024).
 

@@ -10,11 +10,11 @@
 
 All three gradients are taken at the same parameter values, then the three optimizers
 step, exactly as written. The step is computed with little waste (docs/method.md#efficient-step):
-Enc and Dis run one forward, Dec two (on z and on z_p); the decoder output and the
-discriminator input are cut into leaves so that different gradients can be routed into each
-network:
+each network runs one forward (Dec two with loss.decoder_bn=separate, on z and on z_p);
+the decoder output and the discriminator input are cut into leaves so that different
+gradients can be routed into each network:
 
-    Dec  forwards on z and on z_p              -> [x~; x_p]  (each its own BN statistics)
+    Dec  forward over [z; z_p] (or on each)    -> [x~; x_p]  (loss.decoder_bn)
     Dis  forward over [x; x~; x_p]             -> logits, Dis_l
     Dis  input-grad of L_llike (first l layers) -> g_ll at [x~; x_p]   (Dis weights: nothing)
     Dis  backward of L_GAN                      -> Dis grads, g_gan at [x~; x_p]  (one pass)
@@ -249,12 +249,7 @@ class TrainStep:
             # Gradient stop: Dec's backward reaches Enc only through g_z, routed below, so
             # the GAN loss can never update the encoder.
             z_in = torch.cat([z, z_p]).detach().requires_grad_()
-            # X~ = Dec(Z) and X_p = Dec(Z_p) as two forwards, as written, not one over [z; z_p]:
-            # batch norm then normalises each with its own statistics. Over the joint batch,
-            # codes that drift from N(0, I) shift x_p's normalisation, x~ and x_p part ways
-            # (Dis tells them apart by it) and the demo stalled in 2 runs of 3
-            # (docs/results.md#separate-decoder-batch-norm). The same FLOPs; one backward.
-            fake = torch.cat([self.dec(z_in[:b]), self.dec(z_in[b:])])  # [x~; x_p], (2B, C, H, W)
+            fake = self._decode(z_in, b)  # [x~; x_p], (2B, C, H, W)
             # Gradient stop: Dis's backward ends at its input, so Dec can be sent a gradient
             # of its own (a*g_ll - b*g_gan) rather than Dis's.
             fake_in = fake.detach().requires_grad_()
@@ -340,6 +335,16 @@ class TrainStep:
         return terms
 
     # -- helpers -------------------------------------------------------------------------
+
+    def _decode(self, z_in: torch.Tensor, b: int) -> torch.Tensor:
+        """[Dec(z); Dec(z_p)] from z_in = [z; z_p]. loss.decoder_bn=joint: one forward, batch
+        norm over both; separate: two forwards, as Algorithm 1 writes them, each normalised
+        on its own statistics. Over the joint batch, codes that drift from N(0, I) shift x_p's
+        normalisation and x~ and x_p part ways (Dis tells them apart by it): the mnist32 demo
+        stalled so (docs/results.md#separate-decoder-batch-norm). The same FLOPs; one backward."""
+        if self.cfg.loss.decoder_bn == "joint":
+            return self.dec(z_in)
+        return torch.cat([self.dec(z_in[:b]), self.dec(z_in[b:])])
 
     def _dis(self, images: torch.Tensor, with_attributes: bool):
         """Dis(images) -> (logits, Dis_l, attribute logits or None)."""
