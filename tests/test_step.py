@@ -96,9 +96,13 @@ def own_objectives(model, cfg, x, eps, z_p, augment_seed=None, adv=1.0, attrs=No
 
 
 def assert_grads_close(actual, expected, name):
+    # The floor scales with the network's largest gradient: a conv bias before batch norm has
+    # a true gradient of 0, and what is computed is the rounding of sums that cancel, whose
+    # size follows the layer's gradients and the summation order (1 thread or 2 differ).
+    scale = max((float(e.abs().max()) for e in expected if e is not None), default=1.0)
     for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
         e = torch.zeros_like(a) if e is None else e
-        torch.testing.assert_close(a, e, rtol=2e-4, atol=2e-6,
+        torch.testing.assert_close(a, e, rtol=2e-4, atol=2e-6 * max(1.0, scale),
                                    msg=lambda m, i=i: f"{name} param {i}: {m}")
 
 

@@ -23,7 +23,7 @@ from vaegan.config import Config, load_config
 from vaegan.errors import UserError
 from vaegan.losses import gan_bce, kl_prior, llike_dis_l
 from vaegan.model import VAEGAN, reparameterize
-from vaegan.step import TrainStep, make_optimizer, precision_context, resolve_precision
+from vaegan.step import TrainStep, decode, make_optimizer, precision_context, resolve_precision
 
 
 class PlainStep:
@@ -59,10 +59,7 @@ class PlainStep:
             mu, log_var = enc(x)
             z = reparameterize(mu.float(), log_var.float(), torch.randn(b, latent, device=x.device))
             z_p = torch.randn(b, latent, device=x.device)
-            if self.cfg.loss.decoder_bn == "joint":  # as the step: batch norm over both
-                x_tilde, x_p = dec(torch.cat([z, z_p])).split(b)
-            else:
-                x_tilde, x_p = dec(z), dec(z_p)
+            x_tilde, x_p = decode(dec, torch.cat([z, z_p]), b, self.cfg.loss.decoder_bn).split(b)
             # (1) Update Dis: descend the BCE on x, x~ and x_p (fakes detached)
             logits, _ = dis(torch.cat([x, x_tilde.detach(), x_p.detach()]))
         opt_dis.zero_grad()

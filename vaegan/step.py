@@ -102,6 +102,17 @@ def precision_context(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
+def decode(dec: nn.Module, z_in: torch.Tensor, b: int, decoder_bn: str) -> torch.Tensor:
+    """[Dec(z); Dec(z_p)] from z_in = [z; z_p], z being the first b rows. loss.decoder_bn=joint:
+    one forward, batch norm over both; separate: two forwards, as Algorithm 1 writes them, each
+    normalised on its own statistics. Over the joint batch, codes that drift from N(0, I) shift
+    x_p's normalisation and x~ and x_p part ways (Dis tells them apart by it): the mnist32 demo
+    stalled so (docs/results.md#separate-decoder-batch-norm). The same FLOPs; one backward."""
+    if decoder_bn == "joint":
+        return dec(z_in)
+    return torch.cat([dec(z_in[:b]), dec(z_in[b:])])
+
+
 def _params(module: nn.Module) -> list[torch.Tensor]:
     return [p for p in module.parameters() if p.requires_grad]
 
@@ -249,7 +260,7 @@ class TrainStep:
             # Gradient stop: Dec's backward reaches Enc only through g_z, routed below, so
             # the GAN loss can never update the encoder.
             z_in = torch.cat([z, z_p]).detach().requires_grad_()
-            fake = self._decode(z_in, b)  # [x~; x_p], (2B, C, H, W)
+            fake = decode(self.dec, z_in, b, L.decoder_bn)  # [x~; x_p], (2B, C, H, W)
             # Gradient stop: Dis's backward ends at its input, so Dec can be sent a gradient
             # of its own (a*g_ll - b*g_gan) rather than Dis's.
             fake_in = fake.detach().requires_grad_()
@@ -335,16 +346,6 @@ class TrainStep:
         return terms
 
     # -- helpers -------------------------------------------------------------------------
-
-    def _decode(self, z_in: torch.Tensor, b: int) -> torch.Tensor:
-        """[Dec(z); Dec(z_p)] from z_in = [z; z_p]. loss.decoder_bn=joint: one forward, batch
-        norm over both; separate: two forwards, as Algorithm 1 writes them, each normalised
-        on its own statistics. Over the joint batch, codes that drift from N(0, I) shift x_p's
-        normalisation and x~ and x_p part ways (Dis tells them apart by it): the mnist32 demo
-        stalled so (docs/results.md#separate-decoder-batch-norm). The same FLOPs; one backward."""
-        if self.cfg.loss.decoder_bn == "joint":
-            return self.dec(z_in)
-        return torch.cat([self.dec(z_in[:b]), self.dec(z_in[b:])])
 
     def _dis(self, images: torch.Tensor, with_attributes: bool):
         """Dis(images) -> (logits, Dis_l, attribute logits or None)."""
