@@ -57,24 +57,34 @@ def train(rank: int, world: int, sync_bn: bool, ddp: bool = False) -> dict[str, 
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _rank(rank: int, world: int, port: int, sync_bn: bool, ddp: bool, out: str) -> None:
+VARIANTS = [(True, False), (True, True), (False, False), (False, True)]  # (sync_bn, ddp)
+
+
+def _rank(rank: int, world: int, port: int, out: str) -> None:
+    """Every variant in one pair of processes: a spawned process spends seconds importing
+    torch, the training of a variant a fraction of one."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        torch.save(train(rank, world, sync_bn, ddp), out.format(rank=rank))
+        for sync_bn, ddp in VARIANTS:
+            torch.save(train(rank, world, sync_bn, ddp), out.format(rank=rank, sync_bn=sync_bn, ddp=ddp))
     finally:
         dist.destroy_process_group()
 
 
-def two_ranks(tmp_path, sync_bn: bool, ddp: bool = False) -> dict[str, torch.Tensor]:
-    """Rank 0's weights, after checking that rank 1 holds the same (the ranks stepped alike)."""
-    out = str(tmp_path / f"rank{{rank}}-sync{sync_bn}-ddp{ddp}.pt")
-    mp.spawn(_rank, args=(2, free_port(), sync_bn, ddp, out), nprocs=2, join=True)
-    rank0, rank1 = (torch.load(out.format(rank=r)) for r in range(2))
-    weights = [k for k in rank0 if "running" not in k and "num_batches" not in k]  # BN stats: per rank
-    assert max_difference({k: rank0[k] for k in weights}, {k: rank1[k] for k in weights}) < 1e-6
-    return rank0
+def two_ranks(tmp_path) -> dict[tuple[bool, bool], dict[str, torch.Tensor]]:
+    """(sync_bn, ddp) -> rank 0's weights, after checking that rank 1 holds the same (the
+    ranks stepped alike)."""
+    out = str(tmp_path / "rank{rank}-sync{sync_bn}-ddp{ddp}.pt")
+    mp.spawn(_rank, args=(2, free_port(), out), nprocs=2, join=True)
+    weights = {}
+    for sync_bn, ddp in VARIANTS:
+        rank0, rank1 = (torch.load(out.format(rank=r, sync_bn=sync_bn, ddp=ddp)) for r in range(2))
+        names = [k for k in rank0 if "running" not in k and "num_batches" not in k]  # BN stats: per rank
+        assert max_difference({k: rank0[k] for k in names}, {k: rank1[k] for k in names}) < 1e-6
+        weights[sync_bn, ddp] = rank0
+    return weights
 
 
 def max_difference(a: dict, b: dict) -> float:
@@ -86,11 +96,12 @@ def test_two_ranks_with_sync_bn_match_one_process_on_the_global_batch(tmp_path):
     """Both ways the ranks exchange gradients: one all-reduce of everything after the
     backward passes (CPUs), and DDP's hooks during them (GPUs; here on gloo)."""
     one = train(0, 1, sync_bn=False)
-    assert max_difference(two_ranks(tmp_path, sync_bn=True), one) < 1e-4
-    assert max_difference(two_ranks(tmp_path, sync_bn=True, ddp=True), one) < 1e-4
+    two = two_ranks(tmp_path)
+    assert max_difference(two[True, False], one) < 1e-4
+    assert max_difference(two[True, True], one) < 1e-4
     # the comparison has teeth: per-rank batch statistics give other weights
-    per_rank = two_ranks(tmp_path, sync_bn=False)
+    per_rank = two[False, False]
     assert max_difference(per_rank, one) > 1e-3
     # and DDP's hooks reduce what the one all-reduce does with plain batch norm too, where each
     # decoder parameter serves two forwards (x~ and x_p) and must be reduced once
-    assert max_difference(two_ranks(tmp_path, sync_bn=False, ddp=True), per_rank) < 1e-5
+    assert max_difference(two[False, True], per_rank) < 1e-5
