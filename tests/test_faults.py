@@ -147,14 +147,21 @@ def test_training_under_a_running_name_is_refused(tmp_path, mnist_shards, ray_lo
 
 @pytest.mark.slow
 def test_sigkilled_workers_lose_nothing_and_register_once(tmp_path, mnist_shards, mlflow_server, ray_local,
-                                                          monkeypatch):
-    # Rank 1 dies after step 5 (its last checkpoint is step 3; step 4's metrics are logged
-    # already); after the restart rank 0 dies after step 6's checkpoint, before registering.
+                                                          s3_bucket, monkeypatch):
+    """Checkpoints on S3 (moto): each restart resumes from one read back from there.
+
+    Rank 1 dies after step 5 (its last checkpoint is step 3; step 4's metrics are logged
+    already); after the restart rank 0 dies after step 6's checkpoint, before registering."""
+    import s3fs
+
     monkeypatch.setenv(KILL_ENV, f"1:5:{tmp_path / 'rank1-killed'},0:6:{tmp_path / 'rank0-killed'}")
-    cfg = train_cfg(tmp_path, mnist_shards, mlflow_server, "killed", "train.max_failures=2")
+    cfg = train_cfg(tmp_path, mnist_shards, mlflow_server, "killed", "train.max_failures=2",
+                    f"train.storage_path={s3_bucket}/runs")
     res = fit(cfg)
     assert (tmp_path / "rank1-killed").exists() and (tmp_path / "rank0-killed").exists()
     assert res.step == 6
+    files = s3fs.S3FileSystem().find(f"{s3_bucket}/runs/killed")
+    assert any(f.endswith("model.pt") for f in files) and any(f.endswith("manifest.json") for f in files)
     client = mlflow.MlflowClient(mlflow_server)
     run = client.get_run(res.mlflow_run_id)
     assert run.info.status == "FINISHED"
