@@ -4,11 +4,14 @@ server, checkpoints on local disk. Checkpoints on S3 and restarts from them: tes
 from __future__ import annotations
 
 import re
+import signal
+import time
 
 import mlflow
 import numpy as np
 import pytest
 import torch
+from ray.util.state import list_actors
 
 from vaegan.checkpoint import LIVE
 from vaegan.cluster import ClusterError
@@ -28,13 +31,25 @@ def train_cfg(tmp_path, mnist_shards, uri, *extra):
         "tracking.model_name=debug-model", "data.loader_workers=0", *extra])
 
 
+def alive_controllers() -> list:
+    return list_actors(filters=[("class_name", "=", "TrainController"), ("state", "=", "ALIVE")])
+
+
 def test_two_workers_track_everything_in_mlflow(tmp_path, mnist_shards, mlflow_server, ray_local,
                                                 featurizer):
     cfg = train_cfg(tmp_path, mnist_shards, mlflow_server, "train.name=tracked", "train.eval_every=6",
                     "train.eval_images=64", f"train.eval_featurizer={featurizer}", "train.ema=0.9",
                     "model.latent_mixture=3")
+    caller_sigint = signal.getsignal(signal.SIGINT)
     res = fit(cfg)
     assert res.step == 6
+    # Ray Train's Ctrl-C handler goes with the run: the caller's is back, and the run's
+    # controller actor, which that handler held, ends
+    assert signal.getsignal(signal.SIGINT) is caller_sigint
+    deadline = time.monotonic() + 60
+    while (alive := alive_controllers()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not alive, alive
     client = mlflow.MlflowClient(mlflow_server)
     run = client.get_run(res.mlflow_run_id)
     assert run.data.params["loss.gamma"] == str(cfg.loss.gamma)

@@ -23,6 +23,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -872,11 +873,18 @@ def _run(cfg: Config, uri: str, featurizer: str, storage: Storage) -> FitResult:
     run_id = start_or_resume_run(uri, cfg.tracking.experiment, T.name, cfg.flat(),
                                  wait_seconds=cfg.tracking.start_wait_seconds)
     trainer = build_trainer(cfg, run_id, uri, featurizer, storage)
+    caller_sigint = signal.getsignal(signal.SIGINT)
     try:
         result = trainer.fit()
     except Exception as e:  # Ray's TrainingFailedError wraps the worker's exception
         raise TrainError(f"training run {T.name} failed: {e}; start it again with "
                          f"train.name={T.name} to resume from its latest checkpoint") from e
+    finally:
+        # In the main thread, Ray Train's fit installs a Ctrl-C handler (abort the run) and leaves
+        # it: it would swallow the caller's later Ctrl-C, and the run's controller actor it holds
+        # would live on, polling, until the next run replaced it (seen in the test session).
+        if threading.current_thread() is threading.main_thread() and caller_sigint is not None:
+            signal.signal(signal.SIGINT, caller_sigint)
     if result.error:
         raise TrainError(f"training run {T.name} failed: {result.error}")
     step = read_state_from_result(result)
