@@ -36,6 +36,7 @@ import bisect
 import math
 import os
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -43,6 +44,7 @@ import time
 import torch
 
 from vaegan.config import Config, load_config
+from vaegan.errors import UserError
 
 PHASES = ("data", "step", "report", "eval", "logging", "images", "checkpoint")
 
@@ -209,9 +211,10 @@ def allreduce_seconds(numel: int, repeats: int = 10) -> float:
 
 
 def bench_train(preset: str = "mnist32", overrides: list[str] | None = None, *, workers: int = 1,
-                threads: int = 2, steps: int = 200, warmup: int = 20) -> dict:
+                threads: int = 2, steps: int = 200, warmup: int = 20, cpu_every: float = 5.0) -> dict:
     """Train `steps` steps of `preset` with `workers` Ray workers of `threads` CPUs each, and
-    time the bare step beside it; -> the report (module docstring)."""
+    time the bare step beside it; -> the report (module docstring). `cpu_every`: seconds
+    between the CPU sampler's looks at every process."""
     import mlflow
 
     from vaegan.bench import check_benchable
@@ -219,6 +222,9 @@ def bench_train(preset: str = "mnist32", overrides: list[str] | None = None, *, 
     from vaegan.step import resolve_precision
     from vaegan.train import fit
 
+    if not cpu_every > 0:
+        raise UserError(f"--cpu-every {cpu_every:g}: the CPU sampler's interval must be a positive "
+                         "number of seconds")
     # its runs, checkpoints and MLflow store are read back below, then removed
     with tempfile.TemporaryDirectory(prefix="vaegan-bench-train-") as tmp:
         base = [f"train.storage_path={tmp}/runs", f"tracking.tracking_uri=sqlite:///{tmp}/mlflow.db"]
@@ -239,7 +245,7 @@ def bench_train(preset: str = "mnist32", overrides: list[str] | None = None, *, 
                              device=device) * (workers if cfg.train.use_gpu else 1)
 
         before = bare_now()
-        with CpuSampler() as cpu:
+        with CpuSampler(cpu_every) as cpu:
             res = fit(cfg)
         bare = statistics.mean([before, bare_now()])  # before and after: these machines drift
         client = mlflow.MlflowClient(res.tracking_uri)
@@ -254,7 +260,7 @@ def bench_train(preset: str = "mnist32", overrides: list[str] | None = None, *, 
         starts = dict(zip(reported, [0, *reported], strict=False))
         rates = {m.step: m.value for m in reports if starts[m.step] >= warmup}
         if not rates:
-            raise ValueError(f"no report window after the warm-up of {warmup} steps; raise --steps "
+            raise UserError(f"no report window after the warm-up of {warmup} steps; raise --steps "
                              f"(or lower train.log_every, {cfg.train.log_every})")
         spans = {s: s - starts[s] for s in rates}
         seconds = sum(spans[s] * global_batch / rates[s] for s in rates)
@@ -264,6 +270,12 @@ def bench_train(preset: str = "mnist32", overrides: list[str] | None = None, *, 
         # at the last report and lasts the counted windows' seconds.
         window_end = max(m.timestamp for m in reports) / 1000
         cores = cpu.cores(window_end - seconds, window_end)
+        if seconds < 2 * cpu_every:
+            # A worker that lived between two looks was never seen under its own title: its
+            # CPU time went to Ray's group (as ray::IDLE) or nowhere (a test run, 2026-12-03).
+            print(f"vaegan bench train: the timed window ({seconds:.1f} s) is shorter than two of the "
+                  f"CPU sampler's intervals (--cpu-every {cpu_every:g}); the cores per group are rough",
+                  file=sys.stderr)
         per_step, share = {}, {}
         for phase in PHASES:  # each report's seconds per step, times its steps: the phase's seconds
             h = history(f"time_{phase}")
@@ -286,6 +298,7 @@ def bench_train(preset: str = "mnist32", overrides: list[str] | None = None, *, 
             "bare_step_ms": round(1000 * global_batch / bare, 2),
             "allreduce_ms": round(1000 * allreduce, 2), "gradients": grads,
             "cores": {g: round(c, 3) for g, c in cores.items()}, "machine_cores": os.cpu_count(),
+            "cpu_every": cpu_every,
         }
 
 

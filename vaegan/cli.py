@@ -332,6 +332,9 @@ def _add_bench(sub) -> None:
     tr.add_argument("--threads", type=int, default=2, help="CPUs (threads) per worker (default 2)")
     tr.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
     tr.add_argument("--warmup", type=int, default=20, help="first steps not counted (default 20)")
+    tr.add_argument("--cpu-every", type=float, default=5.0, metavar="SECONDS",
+                    help="seconds between looks at every process's CPU time (default 5; a short run "
+                         "needs shorter, e.g. 0.5, or a worker can live between two looks)")
     tr.add_argument("--json", action="store_true", help="print the report as JSON")
     tr.set_defaults(func=_bench_train)
 
@@ -352,7 +355,7 @@ def _bench_train(args: argparse.Namespace) -> None:
     from vaegan.bench_train import bench_train, format_report
 
     report = bench_train(args.preset, args.overrides, workers=args.workers, threads=args.threads,
-                         steps=args.steps, warmup=args.warmup)
+                         steps=args.steps, warmup=args.warmup, cpu_every=args.cpu_every)
     print(json.dumps(report) if args.json else format_report(report), flush=True)
 
 
