@@ -215,6 +215,9 @@ def bench_train(preset: str = "mnist32", overrides: list[str] | None = None, *, 
     """Train `steps` steps of `preset` with `workers` Ray workers of `threads` CPUs each, and
     time the bare step beside it; -> the report (module docstring). `cpu_every`: seconds
     between the CPU sampler's looks at every process."""
+    if not cpu_every > 0:
+        raise UserError(f"--cpu-every {cpu_every:g}: the CPU sampler's interval must be a positive "
+                        "number of seconds")
     import mlflow
 
     from vaegan.bench import check_benchable
@@ -222,9 +225,6 @@ def bench_train(preset: str = "mnist32", overrides: list[str] | None = None, *, 
     from vaegan.step import resolve_precision
     from vaegan.train import fit
 
-    if not cpu_every > 0:
-        raise UserError(f"--cpu-every {cpu_every:g}: the CPU sampler's interval must be a positive "
-                         "number of seconds")
     # its runs, checkpoints and MLflow store are read back below, then removed
     with tempfile.TemporaryDirectory(prefix="vaegan-bench-train-") as tmp:
         base = [f"train.storage_path={tmp}/runs", f"tracking.tracking_uri=sqlite:///{tmp}/mlflow.db"]
@@ -261,7 +261,7 @@ def bench_train(preset: str = "mnist32", overrides: list[str] | None = None, *, 
         rates = {m.step: m.value for m in reports if starts[m.step] >= warmup}
         if not rates:
             raise UserError(f"no report window after the warm-up of {warmup} steps; raise --steps "
-                             f"(or lower train.log_every, {cfg.train.log_every})")
+                            f"(or lower train.log_every, {cfg.train.log_every})")
         spans = {s: s - starts[s] for s in rates}
         seconds = sum(spans[s] * global_batch / rates[s] for s in rates)
         counted = sum(spans.values())  # the steps timed
