@@ -373,6 +373,11 @@ class MlflowLogger(NullLogger):
         self._run_open = False  # the fluent run in the sender thread
         self._images_tagged = False
         self._serial = itertools.count()
+        # The sender runs torch when it logs a model (vaegan.threads): on one thread of its
+        # own, after the caller's thread has settled its count.
+        from vaegan.threads import settle_this_thread
+
+        settle_this_thread()
         self._thread = threading.Thread(target=self._send_loop, name="vaegan-mlflow-sender", daemon=True)
         self._thread.start()
 
@@ -535,6 +540,9 @@ class MlflowLogger(NullLogger):
             self._cond.notify_all()
 
     def _send_loop(self) -> None:
+        from vaegan.threads import side_thread
+
+        side_thread()
         delay = 0.5
         while True:
             with self._cond:

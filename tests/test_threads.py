@@ -1,0 +1,85 @@
+"""vaegan.threads: a side thread that runs torch ops (the MLflow sender logging a model) gets
+no OpenMP team of its own, and the step's thread keeps its thread count.
+
+Each check runs in a fresh process (torch's thread settings are process-wide) whose main
+thread plays the step's: 2 torch threads, its team made by a parallel op. A team shows as
+new threads of the process that Python did not start, named as the process (libgomp's)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from vaegan.checkpoint import TrainState, save_checkpoint
+from vaegan.config import load_config
+from vaegan.model import VAEGAN
+
+PRELUDE = """
+import os, sys, threading, torch
+def comm(tid):
+    try:
+        return open(f"/proc/self/task/{tid}/comm").read()
+    except FileNotFoundError:  # ended meanwhile
+        return None
+def native():  # threads that Python did not start, under the process's name: libgomp's
+    # (a thread takes the name of the thread that starts it; jemalloc's, say, name themselves)
+    python, name = {t.native_id for t in threading.enumerate()}, comm(os.getpid())
+    return {t for t in map(int, os.listdir("/proc/self/task")) if t not in python and comm(t) == name}
+torch.set_num_threads(2)  # as the step's thread is given its CPUs
+def step():  # a parallel op: the step's thread gets its team
+    torch.randn(2_000_000).mul(2.0)
+"""
+
+SIDE_THREAD = PRELUDE + """
+from vaegan.threads import settle_this_thread, side_thread
+settle_this_thread()
+step()
+before = native()
+def side():
+    if sys.argv[1] == "side":
+        side_thread()
+    torch.randn(2_000_000).mul(2.0)
+    torch.nn.functional.conv2d(torch.randn(8, 16, 32, 32), torch.randn(16, 16, 3, 3))
+    new.extend(native() - before)  # while the thread lives: its team ends with it
+new = []
+t = threading.Thread(target=side)
+t.start(); t.join()
+print(len(new), torch.get_num_threads())
+"""
+
+SENDER = PRELUDE + """
+from vaegan.config import TrackingConfig
+from vaegan.tracking import MlflowLogger, start_or_resume_run
+tmp = sys.argv[1]
+uri = f"sqlite:///{tmp}/mlflow.db"
+# made before this thread's first parallel op: the logger settles the step's thread count
+logger = MlflowLogger(uri, start_or_resume_run(uri, "test-threads", "sender", {}), False,
+                      tracking=TrackingConfig(), say=lambda s: None)
+step()
+before = native()
+logger.log_final_model(f"{tmp}/ckpt", 3)  # the sender loads the model and MLflow runs it
+print(len(native() - before), torch.get_num_threads())  # the sender still lives
+logger.end()
+"""
+
+
+def run(script: str, arg: str) -> tuple[int, int]:
+    out = subprocess.run([sys.executable, "-c", script, arg], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    new, threads = out.stdout.split()[-2:]
+    return int(new), int(threads)
+
+
+def test_a_side_thread_gets_no_team_and_the_step_keeps_its_threads():
+    # without side_thread() the side thread's ops start a team: the check can tell
+    assert run(SIDE_THREAD, "plain")[0] > 0
+    assert run(SIDE_THREAD, "side") == (0, 2)
+
+
+@pytest.mark.slow
+def test_logging_a_model_starts_no_team_beside_the_step(tmp_path):
+    cfg = load_config("mnist32")
+    save_checkpoint(tmp_path / "ckpt", VAEGAN(cfg.model), cfg, TrainState(step=3))
+    assert run(SENDER, str(tmp_path)) == (0, 2)
