@@ -85,6 +85,16 @@ def test_two_ranks_two_workers_uneven_shards_are_disjoint_with_equal_batch_count
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 3 workers on 2 cores: on purpose
+def test_batches_from_loader_processes_cross_as_copies_not_shared_memory(tmp_path):
+    # a shared-memory tensor is fetched from a sharer thread in the loader process, which wakes
+    # at every tensor beside the step (reader._as_sent)
+    shards = write_uneven_shards(tmp_path / "s", [12, 8])
+    batches = list(make_loader(str(shards), batch_size=4, loader_workers=2, with_attributes=True))
+    assert len(batches) == 5
+    assert [(x.is_shared(), a.is_shared()) for x, a in batches] == [(False, False)] * 5
+    assert sorted(i for _, a in batches for i in a[:, 0].long().tolist()) == list(range(20))
+
+
 @pytest.mark.parametrize("world_size,workers,batch_size", [(3, 2, 5), (4, 3, 2), (2, 1, 16)])
 def test_batch_counts_are_equal_on_every_rank(tmp_path, world_size, workers, batch_size):
     shards = str(write_uneven_shards(tmp_path / "s", [1, 30, 4, 17, 2, 26]))  # 80 samples

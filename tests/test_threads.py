@@ -1,5 +1,7 @@
-"""vaegan.threads: a side thread that runs torch ops (the MLflow sender logging a model) gets
-no OpenMP team of its own, and the step's thread keeps its thread count.
+"""Threads beside the step in a training process. vaegan.threads: a side thread that runs
+torch ops (the MLflow sender logging a model) gets no OpenMP team of its own, and the step's
+thread keeps its thread count. A lone rank has no gloo thread waking every
+10 ms.
 
 Each check runs in a fresh process (torch's thread settings are process-wide) whose main
 thread plays the step's: 2 torch threads, its team made by a parallel op. A team shows as
@@ -65,6 +67,19 @@ logger.end()
 """
 
 
+ALONE = """
+import os, torch.distributed as dist
+from vaegan import distributed
+def tcp_loops():
+    return sum(open(f"/proc/self/task/{t}/comm").read().strip() == "gloo_tcp_loop"
+               for t in os.listdir("/proc/self/task"))
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # as Ray Train's
+before = tcp_loops()
+left = distributed.leave_group_if_alone()
+print(before, tcp_loops(), left, dist.is_initialized(), distributed.is_distributed())
+"""
+
+
 def run(script: str, arg: str) -> tuple[int, int]:
     out = subprocess.run([sys.executable, "-c", script, arg], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -83,3 +98,11 @@ def test_logging_a_model_starts_no_team_beside_the_step(tmp_path):
     cfg = load_config("mnist32")
     save_checkpoint(tmp_path / "ckpt", VAEGAN(cfg.model), cfg, TrainState(step=3))
     assert run(SENDER, str(tmp_path)) == (0, 2)
+
+
+def test_a_lone_rank_leaves_its_group_and_gloo_stops_waking():
+    # gloo's TCP loop wakes every 10 ms at normal priority beside the step; one rank needs no group
+    out = subprocess.run([sys.executable, "-c", ALONE], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["1", "0", "True", "False", "False"]
+

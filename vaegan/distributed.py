@@ -28,6 +28,20 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def leave_group_if_alone() -> bool:
+    """Destroy the process group when this is its only rank. -> whether it did.
+
+    One rank exchanges nothing, but the group Ray Train made for it keeps gloo's TCP loop, a
+    thread that wakes every 10 ms (its epoll timeout) at normal priority. While the step's
+    threads fill the cores each wake-up preempts one of them, and the other waits at the next
+    barrier of the parallel op until it is back (docs/results.md). Ray Train destroys the group
+    at shutdown only if it is still there."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() == 1):
+        return False
+    dist.destroy_process_group()
+    return True
+
+
 def wrap(model: VAEGAN, device: torch.device, sync_bn: bool = False, ddp: bool | None = None
          ) -> tuple[nn.Module, nn.Module, nn.Module]:
     """(encoder, decoder, discriminator), ready for a distributed step: each in its own DDP

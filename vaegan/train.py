@@ -190,6 +190,7 @@ def set_up(config: dict) -> Worker:
     keep_freed_memory()  # no page faults for each step's buffers (vaegan.allocator)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    distributed.leave_group_if_alone()
     if not keep_normal_priority():
         say(f"[vaegan] warning: rank {rank} runs at idle CPU priority and may not leave it; "
             "set VAEGAN_IDLE_RAY=0 for this driver")
