@@ -84,7 +84,6 @@ def test_two_ranks_two_workers_uneven_shards_are_disjoint_with_equal_batch_count
     assert per_rank[0] | per_rank[1] <= set(range(sum(sizes)))
 
 
-@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 3 workers on 2 cores: on purpose
 def test_batches_from_loader_processes_cross_as_copies_not_shared_memory(tmp_path):
     # a shared-memory tensor is fetched from a sharer thread in the loader process, which wakes
     # at every tensor beside the step (reader._as_sent)
@@ -95,6 +94,7 @@ def test_batches_from_loader_processes_cross_as_copies_not_shared_memory(tmp_pat
     assert sorted(i for _, a in batches for i in a[:, 0].long().tolist()) == list(range(20))
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 3 workers on 2 cores: on purpose
 @pytest.mark.parametrize("world_size,workers,batch_size", [(3, 2, 5), (4, 3, 2), (2, 1, 16)])
 def test_batch_counts_are_equal_on_every_rank(tmp_path, world_size, workers, batch_size):
     shards = str(write_uneven_shards(tmp_path / "s", [1, 30, 4, 17, 2, 26]))  # 80 samples

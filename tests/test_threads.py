@@ -1,7 +1,6 @@
 """Threads beside the step in a training process. vaegan.threads: a side thread that runs
 torch ops (the MLflow sender logging a model) gets no OpenMP team of its own, and the step's
-thread keeps its thread count. A lone rank has no gloo thread waking every
-10 ms.
+thread keeps its thread count. A lone rank has no gloo thread waking every 10 ms.
 
 Each check runs in a fresh process (torch's thread settings are process-wide) whose main
 thread plays the step's: 2 torch threads, its team made by a parallel op. A team shows as
@@ -105,4 +104,3 @@ def test_a_lone_rank_leaves_its_group_and_gloo_stops_waking():
     out = subprocess.run([sys.executable, "-c", ALONE], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["1", "0", "True", "False", "False"]
-

@@ -385,7 +385,9 @@ class ShardLoader:
 
     def _tensor(self, a: np.ndarray) -> torch.Tensor:
         # Pinned (page-locked) batches let the trainer's .to(cuda, non_blocking=True) copy
-        # asynchronously, overlapped with the step it follows.
+        # asynchronously, overlapped with the step it follows. The pinning copy is made here,
+        # on the training thread (DataLoader's pinning thread takes only tensors): not
+        # measured on a GPU machine yet.
         t = torch.from_numpy(a)
         return t.pin_memory() if self.pin_memory else t
 
@@ -418,9 +420,10 @@ class ShardLoader:
             while True:
                 self._check_corrupt()
                 if (epoch, expected) in pending:  # workers answer round-robin: restore the order
-                    images, attrs = map(self._tensor, pending.pop((epoch, expected)))
+                    images, attrs = pending.pop((epoch, expected))
                     expected += 1
-                    yield (images, attrs) if self.with_attributes else images
+                    yield ((self._tensor(images), self._tensor(attrs)) if self.with_attributes
+                           else self._tensor(images))
                 elif expected == self.batches_per_epoch and epoch != final:  # on to the next epoch
                     del counts[epoch]
                     ended.pop(epoch, None)
