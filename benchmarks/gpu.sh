@@ -4,9 +4,9 @@
 #
 #   make .venv/.installed-stamp && benchmarks/gpu.sh          # on a machine with one CUDA GPU
 #
-# Also records the GPU's name and a bf16 / fp32 matmul roofline (a large square matmul), so
-# the step's FLOP rate can be given as a share of what this GPU reaches. Nothing is fetched:
-# the data are the generated synthetic faces (`vaegan data prepare synthetic-faces:N`).
+# Also records the GPU's name and its bf16 / fp32 matmul rate (`vaegan.bench.matmul_peak_gflops`,
+# a large square matmul); each step row gives its FLOP rate as a share of it (`share_of_peak`).
+# Nothing is fetched: the data are the generated synthetic faces (`vaegan data prepare ...`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
@@ -17,23 +17,14 @@ mkdir -p "$OUT"
 export PATH="$PWD/$BIN:$PATH"
 
 "$BIN/python" - "$OUT/device.json" <<'EOF'
-import json, sys, time
+import json, sys
 import torch
+from vaegan.bench import matmul_peak_gflops
 assert torch.cuda.is_available(), "benchmarks/gpu.sh needs a CUDA GPU"
 d = torch.device("cuda")
 out = {"gpu": torch.cuda.get_device_name(d), "torch": torch.__version__, "cuda": torch.version.cuda}
-n = 8192
-for dtype in (torch.bfloat16, torch.float32):
-    a, b = (torch.randn(n, n, device=d, dtype=dtype) for _ in range(2))
-    torch.backends.cuda.matmul.allow_tf32 = False
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(20):
-        a @ b
-    torch.cuda.synchronize()
-    out[f"matmul_tflops_{str(dtype).split('.')[-1]}"] = round(20 * 2 * n**3 / (time.perf_counter() - t) / 1e12, 1)
+for precision in ("bf16", "fp32"):  # each bench step row also carries its share of these
+    out[f"matmul_tflops_{precision}"] = round(matmul_peak_gflops(precision, d) / 1000, 1)
 print(json.dumps(out))
 open(sys.argv[1], "w").write(json.dumps(out) + "\n")
 EOF

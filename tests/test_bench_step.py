@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from vaegan.bench import PlainStep, bench_step
+from vaegan.config import load_config
 from vaegan.errors import UserError
 from vaegan.losses import gan_bce, kl_prior, llike_dis_l
 from vaegan.model import VAEGAN, reparameterize
@@ -59,8 +60,38 @@ def test_bench_step_alternates_and_reports_compiled_beside_eager(monkeypatch):
     """train.compile=true adds a compiled row for the step beside the eager one (here with a
     stand-in for torch.compile: what is compiled is tested in test_compile)."""
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
-    rows = bench_step("debug", ["train.compile=true"], steps=2, warmup=0, layouts=(True,))
+    rows = bench_step("debug", ["train.compile=true"], steps=2, warmup=0, layouts=(True,), peak_size=128)
     assert [(r["step"], r.get("compiled")) for r in rows] == [
         ("vaegan", False), ("vaegan", True), ("plain", False)]
     assert all(r["vs_plain"] > 0 and r["noise"] >= 0 for r in rows)
     assert rows[-1]["vs_plain"] == 1.0
+
+
+def test_bench_step_gives_each_rows_flop_rate_and_its_share_of_the_matmul_peak(monkeypatch):
+    """gflops = the variant's GFLOP per image x its images/s; share_of_peak = that over the
+    device's measured matmul rate at the step's precision, the best of a look before and after."""
+    import vaegan.bench as bench
+
+    looks, asked = iter([800.0, 1000.0]), []
+
+    def peak(precision, device, n=None, repeats=5):
+        asked.append((precision, device.type, n))
+        return next(looks)
+
+    monkeypatch.setattr(bench, "matmul_peak_gflops", peak)
+    rows = bench_step("debug", ["train.precision=fp32"], steps=2, warmup=0, layouts=(True,), peak_size=64)
+    assert asked == [("fp32", "cpu", 64)] * 2
+    for r in rows:
+        rate = bench.count_gflop_per_image(load_config("debug"), r["step"]) * r["images_per_s"]
+        assert r["matmul_peak_gflops"] == 1000.0
+        assert r["gflops"] == pytest.approx(rate, rel=0.01, abs=0.05)
+        assert r["share_of_peak"] == pytest.approx(r["gflops"] / 1000.0, abs=1e-3)
+
+
+def test_the_matmul_peak_is_a_rate_and_refuses_an_unknown_precision():
+    from vaegan.bench import matmul_peak_gflops
+
+    assert 0 < matmul_peak_gflops("fp32", torch.device("cpu"), n=128, repeats=2) < float("inf")
+    refused = r"precision 'fp16': the matmul peak is measured for \['bf16', 'fp32'\]"
+    with pytest.raises(UserError, match=refused):
+        matmul_peak_gflops("fp16", torch.device("cpu"))

@@ -7,7 +7,10 @@ It is here as the yardstick, not used for training.
 
 Reported per variant: GFLOP per image per step (counted with torch's formulas, so
 independent of the machine) and images per second (median over timed steps after warm-up,
-the variants taking turns step by step so that other jobs on the machine slow them alike).
+the variants taking turns step by step so that other jobs on the machine slow them alike);
+their product, the GFLOP/s the variant gets out of the device, and that as a share of the
+device's measured matrix-multiply rate at the same precision and threads (`share_of_peak`):
+a step that does fewer FLOPs but at a lower rate shows it there.
 """
 
 from __future__ import annotations
@@ -89,6 +92,27 @@ def resolve_bench_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def matmul_peak_gflops(precision: str, device: torch.device, n: int | None = None, repeats: int = 5) -> float:
+    """The device's measured matrix-multiply rate in GFLOP/s at `precision` ("bf16" or "fp32";
+    fp32 without TF32, as the step runs it), at the threads set now: the best of `repeats`
+    n x n products, large enough (CPU 2048, CUDA 8192) to reach the GEMM library's plateau.
+    What the step's convolutions and linears could get at best: its yardstick."""
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    if precision not in dtypes:
+        raise UserError(f"precision {precision!r}: the matmul peak is measured for {sorted(dtypes)}")
+    n = n or (8192 if device.type == "cuda" else 2048)
+    a, b = (torch.randn(n, n, device=device, dtype=dtypes[precision]) for _ in range(2))
+    a @ b  # the first call picks kernels and allocates
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device)
+        t = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work, so a wall-clock time covers it (CUDA runs async)."""
     if device.type == "cuda":
@@ -156,7 +180,8 @@ def count_gflop_per_image(cfg: Config, name: str) -> float:
 
 def bench_step(preset: str = "celeba64", overrides: list[str] | None = None, steps: int = 5,
                warmup: int = 2, variants: tuple[str, ...] = ("vaegan", "plain"),
-               layouts: tuple[bool, ...] = (False, True), device: str = "auto") -> list[dict]:
+               layouts: tuple[bool, ...] = (False, True), device: str = "auto",
+               peak_size: int | None = None) -> list[dict]:
     """Time each variant x memory layout (x eager/compiled for the step when
     train.compile=true); returns one dict per combination.
 
@@ -164,7 +189,9 @@ def bench_step(preset: str = "celeba64", overrides: list[str] | None = None, ste
     machine whose speed drifts (other jobs) slows them alike; each row is the median of its
     timed steps. `vs_plain` is the row's speed over the plain port's at the same layout (the
     median over rounds of the two step times' ratio); `noise` is the interquartile range of
-    the row's step times over their median."""
+    the row's step times over their median. `gflops` is the row's FLOP rate, `share_of_peak`
+    that over `matmul_peak_gflops` (the best of a measurement before and after the steps,
+    `peak_size`: its n; None: the device's default)."""
     cfg = check_benchable(load_config(preset, overrides=overrides or []))
     dev = resolve_bench_device(device)
     keep_freed_memory()  # as the training workers do
@@ -175,6 +202,8 @@ def bench_step(preset: str = "celeba64", overrides: list[str] | None = None, ste
               for compiled in ((False, True) if name == "vaegan" and cfg.train.compile
                                else (False,))]
     gflop = {name: count_gflop_per_image(cfg, name) for name in variants}
+    precision = resolve_precision(cfg.train.precision, dev)
+    peak = matmul_peak_gflops(precision, dev, peak_size)  # and again after: these machines drift
     runs = []
     for name, channels_last, compiled in combos:
         torch.manual_seed(0)
@@ -195,6 +224,7 @@ def bench_step(preset: str = "celeba64", overrides: list[str] | None = None, ste
             r["step"](r["x"])
             synchronize(dev)
             r["times"].append(time.perf_counter() - t)
+    peak = max(peak, matmul_peak_gflops(precision, dev, peak_size))
     rows = []
     for (name, channels_last, compiled), r in zip(combos, runs, strict=True):
         sec = statistics.median(r["times"])
@@ -203,6 +233,9 @@ def bench_step(preset: str = "celeba64", overrides: list[str] | None = None, ste
                "channels_last": channels_last, "precision": r["step"].precision,
                "gflop_per_image": round(gflop[name], 2), "seconds_per_step": round(sec, 3),
                "images_per_s": round(cfg.data.batch_size / sec, 1),
+               "gflops": round(gflop[name] * cfg.data.batch_size / sec, 1),
+               "share_of_peak": round(gflop[name] * cfg.data.batch_size / sec / peak, 3),
+               "matmul_peak_gflops": round(peak, 1),
                "noise": round((q[2] - q[0]) / sec, 3), "threads": torch.get_num_threads(),
                "device": str(dev)}
         if cfg.train.compile:
