@@ -58,6 +58,11 @@ def test_two_workers_track_everything_in_mlflow(tmp_path, mnist_shards, mlflow_s
                  "skip_dis", "skip_dec", "images_per_s", "skipped_samples"):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, name)]
         assert steps == [2, 4, 6], name
+    # where each report window's time went, the gradient all-reduce (and the wait for the other
+    # rank at it) apart from the step's own compute
+    for name in ("time_data", "time_step", "time_allreduce"):
+        history = client.get_metric_history(run.info.run_id, name)
+        assert [m.step for m in history] == [2, 4, 6] and all(m.value > 0 for m in history), name
     for name in ("eval_fid_samples", "eval_fid_recon", "eval_ssim_recon", "eval_recognisable",
                  "eval_recognisable_mixture", "eval_fid_samples_mixture"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == [6], name

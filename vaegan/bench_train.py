@@ -13,8 +13,10 @@ the same global batch, precision and layout, workers x threads threads). Reporte
                         the mean of the two); `ratio` = end to end / bare
     per_step_ms         where a step's time goes on rank 0 (the loop's time_* metrics), averaged
                         over every counted step: data (waiting for a batch), step (forward,
-                        backward, gradient all-reduce, optimizer), report (the metric reduction
-                        and Ray's report barrier), eval, logging, images, checkpoint
+                        backward, optimizer), allreduce (with several workers: the step's one
+                        collective, the wait for the slowest rank included; on GPUs what DDP's
+                        all-reduce, overlapped with the backward, leaves), report (the metric
+                        reduction and Ray's report barrier), eval, logging, images, checkpoint
     share               the same as shares of the timed window's wall time
     allreduce_ms        one all-reduce of the three networks' gradients between two local
                         gloo processes (what the ranks exchange per step; measured apart)
@@ -46,7 +48,7 @@ import torch
 from vaegan.config import Config, load_config
 from vaegan.errors import UserError
 
-PHASES = ("data", "step", "report", "eval", "logging", "images", "checkpoint")
+PHASES = ("data", "step", "allreduce", "report", "eval", "logging", "images", "checkpoint")
 
 
 def bare_step(cfg: Config, batch: int, threads: int, steps: int, warmup: int,
@@ -315,7 +317,7 @@ def format_report(r: dict) -> str:
         lines.append(f"    {phase:<26} {ms:>9.2f}   {r['share'][phase]:6.1%}")
     if r["workers"] > 1:
         lines.append(f"  {'gradient all-reduce (gloo)':<28} {r['allreduce_ms']:>9.2f} ms "
-                     f"({r['gradients']:,} values, measured apart)")
+                     f"({r['gradients']:,} values, measured apart, nobody waiting)")
     lines.append(f"  cores busy over the timed window (the machine has {r['machine_cores']}):")
     for group, cores in r["cores"].items():
         lines.append(f"    {group:<26} {cores:>9.2f}")

@@ -378,7 +378,9 @@ def loop(w: Worker, config: dict) -> None:
             except Divergence as e:  # raised on every rank at the same point
                 roll_back(w, progress, e)
                 break
-            progress.lap("step")  # forward, backward, gradient all-reduce, optimizer steps
+            progress.lap("step")  # forward, backward, optimizer steps
+            if w.world > 1:  # the gradient all-reduce, with the wait for the slowest rank
+                progress.move("step", "allreduce", w.guard.take_exchange_seconds())
             if w.ema is not None:
                 w.ema.update(w.model)
             state.step += 1
@@ -434,6 +436,7 @@ class _FiniteGuard:
         self.bad = torch.zeros((), device=device)
         self.clock: Callable[[], float] | None = None
         self.agreed_seconds, self.exchanged_at = 0.0, 0.0
+        self.exchange_seconds = 0.0  # in the collective, since `take_exchange_seconds`
         for net in (model.encoder, model.decoder, model.discriminator):
             net.register_forward_hook(self._hook)
 
@@ -451,10 +454,19 @@ class _FiniteGuard:
         both = torch.cat([scalars.float(), seconds, self.bad.reshape(1).to(scalars.device, torch.float32)])
         self.bad = torch.zeros((), device=self.device)
         both = self.exchange(both)
-        if not bool(torch.isfinite(both).all()) or both[-1].item() > 0:
+        finite = bool(torch.isfinite(both).all())  # a host sync: the collective's end on GPUs too
+        self.exchange_seconds += time.perf_counter() - self.exchanged_at
+        if not finite or both[-1].item() > 0:
             raise Divergence("non-finite values in a forward pass or a loss term")
         self.agreed_seconds = float(both[-2])
         return both[:-2].to(scalars.dtype)
+
+    def take_exchange_seconds(self) -> float:
+        """Seconds spent in the step's collective since the last call: on CPU ranks the
+        gradients' all-reduce, the wait for the slowest rank included; on GPUs the wait for
+        what DDP's all-reduce, overlapped with the backward pass, has left."""
+        seconds, self.exchange_seconds = self.exchange_seconds, 0.0
+        return seconds
 
     def check_weights(self, model: VAEGAN) -> None:
         from vaegan import distributed
@@ -492,6 +504,7 @@ def roll_back(w: Worker, progress: Progress, err: Divergence) -> None:
             group["lr"] = w.cfg.optim.lr  # an annealed lr is set again from the config each step
     w.state = state
     progress.window, progress.t_window = [], time.time()
+    w.guard.take_exchange_seconds()  # the diverged step's, whose time was charged to no phase
     note = (f"step {at} -> step {state.step}, lr x{T.rollback_lr_factor:g} = {w.cfg.optim.lr:g} ({err})")
     w.logger.log_metrics({"rollbacks": float(state.rollbacks), "lr": w.cfg.optim.lr}, at)
     w.logger.set_tags({f"vaegan.rollback.{state.rollbacks}": note})
@@ -518,6 +531,11 @@ class Progress:
         if phase:
             self.phases[phase] = self.phases.get(phase, 0.0) + now - self.t_lap
         self.t_lap = now
+
+    def move(self, source: str, phase: str, seconds: float) -> None:
+        """Charge `seconds` of what was charged to `source` to `phase` instead."""
+        self.phases[source] -= seconds
+        self.phases[phase] = self.phases.get(phase, 0.0) + seconds
 
     def phase_metrics(self, steps: int) -> dict[str, float]:
         """{time_PHASE: seconds per step} over the last `steps` steps (this rank's clock);
