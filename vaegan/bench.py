@@ -228,13 +228,13 @@ def bench_step(preset: str = "celeba64", overrides: list[str] | None = None, ste
     rows = []
     for (name, channels_last, compiled), r in zip(combos, runs, strict=True):
         sec = statistics.median(r["times"])
+        rate = gflop[name] * cfg.data.batch_size / sec  # GFLOP/s
         q = statistics.quantiles(r["times"], n=4) if len(r["times"]) > 1 else [sec, sec, sec]
         row = {"step": name, "preset": preset, "batch": cfg.data.batch_size,
                "channels_last": channels_last, "precision": r["step"].precision,
                "gflop_per_image": round(gflop[name], 2), "seconds_per_step": round(sec, 3),
                "images_per_s": round(cfg.data.batch_size / sec, 1),
-               "gflops": round(gflop[name] * cfg.data.batch_size / sec, 1),
-               "share_of_peak": round(gflop[name] * cfg.data.batch_size / sec / peak, 3),
+               "gflops": round(rate, 1), "share_of_peak": round(rate / peak, 3),
                "matmul_peak_gflops": round(peak, 1),
                "noise": round((q[2] - q[0]) / sec, 3), "threads": torch.get_num_threads(),
                "device": str(dev)}
