@@ -67,12 +67,15 @@ logger.end()
 
 
 ALONE = """
-import os, torch.distributed as dist
+import os, time, torch.distributed as dist
 from vaegan import distributed
 def tcp_loops():
     return sum(open(f"/proc/self/task/{t}/comm").read().strip() == "gloo_tcp_loop"
                for t in os.listdir("/proc/self/task"))
 dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # as Ray Train's
+deadline = time.monotonic() + 10
+while not tcp_loops() and time.monotonic() < deadline:  # the loop thread names itself once it runs
+    time.sleep(0.01)
 before = tcp_loops()
 left = distributed.leave_group_if_alone()
 print(before, tcp_loops(), left, dist.is_initialized(), distributed.is_distributed())
