@@ -1,4 +1,4 @@
-"""Run a Ray Tune sweep over loss.gamma as a Ray job.
+"""Run a Ray Tune sweep over config keys (loss.gamma by default) as a Ray job.
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python jobs/tune.py --preset mnist32 train.eval_every=250 --trials 8 \

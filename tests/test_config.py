@@ -2,7 +2,7 @@ import pytest
 import yaml
 from servers import own_lines
 
-from vaegan.cli import main
+from vaegan.cli import main, parse_args
 from vaegan.config import PRESETS, ConfigError, config_from_dict, load_config
 
 
@@ -57,3 +57,19 @@ def test_cli_bad_key_is_one_line_no_traceback(capsys):
     err = own_lines(capsys.readouterr().err)
     assert err.startswith("vaegan: error: unknown config key 'train.stepz'")
     assert "Traceback" not in err
+
+
+def test_overrides_may_follow_options():
+    args = parse_args(["tune", "--preset", "mnist32", "a.b=1", "--trials", "8", "c.d=2", "--seeds", "2",
+                       "e.f=3"])
+    assert (args.overrides, args.trials, args.seeds) == (["a.b=1", "c.d=2", "e.f=3"], 8, 2)
+    assert parse_args(["train", "--preset", "debug", "train.steps=5"]).overrides == ["train.steps=5"]
+
+
+@pytest.mark.parametrize("argv, bad", [(["tune", "--trials", "8", "x.y=1", "--bogus"], "--bogus"),
+                                       (["tune", "x.y=1", "--trials", "8", "stray", "--seeds", "2"], "stray"),
+                                       (["models", "list", "m", "a.b=1"], "a.b=1")])  # takes no overrides
+def test_what_is_neither_an_option_nor_an_override_is_refused(argv, bad, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert f"unrecognized arguments: {bad}" in capsys.readouterr().err

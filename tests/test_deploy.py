@@ -36,6 +36,8 @@ from typing import Any
 import pytest
 import yaml
 
+from vaegan.cli import parse_args
+
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
 MANIFEST_DIRS = ("kuberay", "mlflow")
@@ -199,13 +201,6 @@ class Entry:
     """SweepOptions (tune), defaults filled in by vaegan.tune.check_options."""
 
 
-@functools.lru_cache(maxsize=1)
-def _vaegan_parser():
-    from vaegan.cli import build_parser
-
-    return build_parser()
-
-
 def parse_entrypoint(entrypoint: str) -> Entry:
     """`python jobs/X.py ARGS` -> what vaegan makes of it; ValueError says what it refused."""
     from vaegan.config import load_config
@@ -222,7 +217,7 @@ def parse_entrypoint(entrypoint: str) -> Entry:
     command, err = m.group(1), io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            args = _vaegan_parser().parse_args([command, *argv[2:]])
+            args = parse_args([command, *argv[2:]])
     except SystemExit:
         raise ValueError(f"`vaegan {command}` refuses {argv[2:]}: {err.getvalue().strip()}") from None
     cfg = load_config(args.preset, args.config, args.overrides)  # ConfigError is a ValueError
@@ -440,7 +435,7 @@ def check_mlflow(d: Deploy) -> list[str]:
         err = io.StringIO()
         try:
             with contextlib.redirect_stderr(err):
-                args = _vaegan_parser().parse_args(argv(c)[1:])
+                args = parse_args(argv(c)[1:])
         except SystemExit:
             problems.append(f"{where}: `vaegan models serve` refuses {argv(c)[3:]}: {err.getvalue().strip()}")
             continue

@@ -17,7 +17,8 @@
     vaegan bench step [--preset celeba64] [key=value ...] [--steps N]
     vaegan bench train [--preset mnist32] [key=value ...] [--workers W] [--threads T] [--steps N] [--json]
     vaegan models list [NAME] | promote NAME [--from challenger] [--to champion] [--force]
-    vaegan models sample|reconstruct|interpolate|edit|attributes URI ... (-o PNG)
+    vaegan models sample|reconstruct|interpolate|edit URI ... (-o PNG)
+    vaegan models attributes URI --shards URL [--json OUT]
     vaegan models serve URI [--host H] [--port P] [--max-body-bytes N] [--max-output-values N]
 """
 
@@ -606,8 +607,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line -> its arguments, with key=value overrides anywhere after the command:
+    argparse alone takes them as one block only (`vaegan tune --trials 8 train.steps=5` would
+    be refused, its `*` positional already matched empty before `--trials`)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         args.func(args)
     except UserError as e:  # bad input: one clear line, no traceback

@@ -10,7 +10,7 @@
 
 The search space is a set of dotted config keys, each a grid (`--grid loss.mode=vae,vaegan`),
 a log-uniform range (`--loguniform loss.gamma=1e-4:1`) or a uniform one (`--uniform
-optim.beta1=0.3:0.9`), and repeats over seeds (`--seeds 2`: every configuration with
+optim.alpha=0.8:0.99`), and repeats over seeds (`--seeds 2`: every configuration with
 train.seed and train.seed + 1). Without one, loss.gamma is searched log-uniformly: the default
 range [1e-7, 1] covers the paper's gamma (1e-2 .. 1) and the reference recipe's
 w / (1 - w) ~ 1e-6. Every value is checked against the config before any trial starts.
