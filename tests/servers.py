@@ -81,7 +81,7 @@ def mlflow_server(tmp_path_factory):
         env={**env_with_venv(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     uri = f"http://127.0.0.1:{port}"
     try:
-        wait_http(uri + "/health", proc, timeout=120, log=log_path)
+        wait_http(uri + "/health", proc, timeout=300, log=log_path)  # migrations, beside another module
         yield uri
     finally:
         proc.terminate()
@@ -127,7 +127,7 @@ def s3_server(tmp_path_factory):
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": url, "AWS_ENDPOINT_URL": url}
     saved = {k: os.environ.get(k) for k in env}
     try:
-        wait_http(url, proc, timeout=60, log=log_path)
+        wait_http(url, proc, timeout=120, log=log_path)
         os.environ.update(env)
         yield url
     finally:

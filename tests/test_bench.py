@@ -86,14 +86,14 @@ def test_cpu_sampler_accounts_a_busy_process_in_its_group(tmp_path):
         return "spinner" if "spin-marker" in cmd else cpu_group(cmd, parent_cmd, pid, me)
 
     spin = ("# spin-marker\nimport time\nt = time.process_time()\n"
-            "while time.process_time() - t < 0.6: pass\nprint(time.process_time())\ntime.sleep(1.5)")
+            "while time.process_time() - t < 0.6: pass\nprint(time.process_time())\ntime.sleep(3)")
     with CpuSampler(interval=0.1, classify=classify) as cpu:
         start = time.time()
         child = subprocess.run([sys.executable, "-c", spin], capture_output=True, text=True, check=True)
         end = time.time()
     own = float(child.stdout)  # the child's CPU seconds, interpreter start included
     seen = cpu.cores(start, end)["spinner"] * (end - start)
-    assert own - 0.05 <= seen <= own + 0.05, (own, seen)
+    assert own - 0.1 <= seen <= own + 0.1, (own, seen)
 
 
 def test_cpu_sampler_keeps_a_training_worker_in_its_group():

@@ -193,7 +193,13 @@ def _assert_all_stopped(state: Path, run: str) -> None:
     runs in it (job entry points); the runtime dir is gone."""
     assert not list(state.glob("*.pid")), list(state.glob("*.pid"))
     assert run and not Path(run).exists(), run
-    marks = [str(state), run]
+    deadline = time.monotonic() + 20  # down.sh's SIGKILLs land, not at once on a loaded machine
+    while (left := _left_running([str(state), run])) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, "left running after down.sh:\n" + "\n".join(left)
+
+
+def _left_running(marks: list[str]) -> list[str]:
     left = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -206,7 +212,7 @@ def _assert_all_stopped(state: Path, run: str) -> None:
             continue
         if stat != "Z" and any(m in cmd or cwd.startswith(m) for m in marks):
             left.append(f"{entry.name}: {cmd[:200]}")
-    assert not left, "left running after down.sh:\n" + "\n".join(left)
+    return left
 
 
 def _mlflow_client(cluster: Cluster):

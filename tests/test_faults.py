@@ -120,14 +120,15 @@ def test_a_live_lease_refuses_the_name_and_a_stale_one_is_taken_over(storage):
     assert lease.read()["token"] == "other"  # untouched
 
     write_lease(lease, renewed_ago=31)  # its driver died 31 s ago, past its 30 s ttl
-    with RunLease(storage, "busy", ttl_s=3) as mine:
+    with RunLease(storage, "busy", ttl_s=9) as mine:
         held = lease.read()
         assert held["token"] == mine.owner["token"] and held["pid"] == os.getpid()
-        renewed = held["renewed"]
-        time.sleep(1.6)  # renewed every ttl/3 = 1 s
+        renewed, deadline = held["renewed"], time.monotonic() + 20
+        while lease.read()["renewed"] == renewed and time.monotonic() < deadline:  # every ttl/3 = 3 s
+            time.sleep(0.2)
         assert lease.read()["renewed"] > renewed
         with pytest.raises(RunLeaseError, match="train.name=busy is already running"):
-            RunLease(storage, "busy", ttl_s=3).acquire(settle_s=0)
+            RunLease(storage, "busy", ttl_s=9).acquire(settle_s=0)
     assert lease.read() is None  # released at the end
 
 

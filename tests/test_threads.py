@@ -78,6 +78,9 @@ while not tcp_loops() and time.monotonic() < deadline:  # the loop thread names 
     time.sleep(0.01)
 before = tcp_loops()
 left = distributed.leave_group_if_alone()
+deadline = time.monotonic() + 10
+while tcp_loops() and time.monotonic() < deadline:  # a joined thread leaves /proc a moment later
+    time.sleep(0.01)
 print(before, tcp_loops(), left, dist.is_initialized(), distributed.is_distributed())
 """
 

@@ -95,9 +95,10 @@ def test_logging_returns_at_once_while_mlflow_is_down_and_is_sent_when_it_is_bac
     for step in range(2, 12):
         logger.log_metrics({"loss": float(step), "other": -float(step)}, step=step)
     logger.log_image(Image.new("L", (64, 64), 128), "samples", step=11)
-    assert time.monotonic() - t0 < 1.0, "logging must not wait on a stopped server"
+    # waiting would mean the request's retries, 30 s and more: the bounds leave a loaded machine room
+    assert time.monotonic() - t0 < 5, "logging must not wait on a stopped server"
     t0 = time.monotonic()
-    assert not logger.flush(5) and time.monotonic() - t0 < 5, "flush does not wait out an outage"
+    assert not logger.flush(30) and time.monotonic() - t0 < 10, "flush does not wait out an outage"
     server.start()
     assert logger.flush(60, through_outage=True), "everything is sent once the server is back"
     logger.end()
@@ -163,7 +164,8 @@ def test_training_goes_on_through_an_mlflow_restart_and_loses_nothing(
     during = [t for t in stamps if times["stopped"] + 1 < t < times["restarting"]]
     assert during, f"no step was logged during the {outage:.0f} s outage"
     gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
-    assert max(gaps) < outage / 2, f"rank 0 stalled {max(gaps):.1f} s"
+    # (a checkpoint's report and its flush of up to 5 s fall in one gap; a stall is 12 s or more)
+    assert max(gaps) < outage, f"rank 0 stalled {max(gaps):.1f} s"
     images = {a.path.split("+")[0] + "@" + a.path.split("+")[2]
               for a in client.list_artifacts(res.mlflow_run_id, "images") if a.path.endswith(".png")}
     assert images == {f"images/{k}@{s}" for k in ("samples", "reconstructions")
