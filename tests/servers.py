@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import signal
 import socket
@@ -37,7 +38,22 @@ def own_lines(text: str) -> str:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
+    """A free port for a server that binds it later, from below the kernel's ephemeral range
+    (where outgoing connections take theirs, so none can take it meanwhile) and above Ray's
+    worker ports (10002-19999)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 0
+    for _ in range(100 if low > 21000 else 0):
+        port = random.SystemRandom().randrange(20000, low)  # apart from any seeding: xdist workers differ
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # no such range here: any free port
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
