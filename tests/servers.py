@@ -45,15 +45,16 @@ def free_port() -> int:
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         low = 0
-    for _ in range(100 if low > 21000 else 0):
-        port = random.SystemRandom().randrange(20000, low)  # apart from any seeding: xdist workers differ
+    draw = random.SystemRandom()  # apart from any seeding: the xdist workers draw differently
+    tries = 100 if low > 21000 else 0  # none where there is no such range: any free port
+    for port in (draw.randrange(20000, low) for _ in range(tries)):
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
             return port
-    with socket.socket() as s:  # no such range here: any free port
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
