@@ -61,6 +61,52 @@ def test_cli_bench_step_prints_one_json_row_per_variant_and_layout(capsys):
     assert gflop["vaegan"] < gflop["plain"]
 
 
+def test_layouts_run_alternated_and_a_bad_one_is_named():
+    from vaegan.bench_train import parse_layouts, run_order
+    from vaegan.errors import UserError
+
+    assert parse_layouts("1x2, 2x1") == [(1, 2), (2, 1)]
+    # odd rounds reversed: a drifting machine weighs on both layouts alike
+    assert run_order(["A", "B"], 3) == [(0, "A"), (0, "B"), (1, "B"), (1, "A"), (2, "A"), (2, "B")]
+    for spec, bad in [("1x2,2y1", "'2y1'"), ("0x2", "'0x2'"), ("1x2,", "''"), ("1x2,1x2", "named twice")]:
+        with pytest.raises(UserError, match=bad):
+            parse_layouts(spec)
+
+
+def test_rounds_give_each_layout_its_medians(monkeypatch):
+    """`bench_train_rounds` over stand-in runs: the medians per layout, and each layout's
+    end-to-end speed against the first layout's."""
+    import vaegan.bench_train as bt
+
+    rates = {(1, 2): iter([300.0, 250.0, 320.0]), (2, 1): iter([400.0, 390.0, 200.0])}
+    calls = []
+
+    def fake(preset, overrides, *, workers, threads, steps, warmup, cpu_every):
+        calls.append((workers, threads))
+        rate = next(rates[workers, threads])
+        return {"workers": workers, "threads_per_worker": threads, "images_per_s": rate,
+                "bare_images_per_s": 400.0, "ratio": rate / 400, "per_step_ms": {"step": 64e3 / rate},
+                "bare_step_ms": 160.0, "global_batch": 64, "precision": "bf16"}
+
+    monkeypatch.setattr(bt, "bench_train", fake)
+    seen = []
+    result = bt.bench_train_rounds("mnist32", [], layouts=[(1, 2), (2, 1)], rounds=3, on_run=seen.append,
+                                   steps=10, warmup=2, cpu_every=1.0)
+    assert calls == [(1, 2), (2, 1), (2, 1), (1, 2), (1, 2), (2, 1)]
+    assert [r["round"] for r in seen] == [1, 1, 2, 2, 3, 3] and result["runs"] == seen
+    one, two = result["medians"]["1x2"], result["medians"]["2x1"]
+    assert (one["images_per_s"], one["ratio"], one["step_ms"]) == (300.0, 0.75, round(64e3 / 300, 3))
+    assert (two["images_per_s"], two["vs_first"], one["vs_first"]) == (390.0, 1.3, 1.0)
+    assert "2x1" in bt.format_medians(result) and "round 3  2x1" in bt.format_run(seen[-1])
+    with pytest.raises(bt.UserError, match="--rounds 0"):
+        bt.bench_train_rounds("mnist32", [], layouts=[(1, 2)], rounds=0)
+
+
+def test_cli_bench_train_layouts_name_the_workers_themselves(capsys):
+    assert main(["bench", "train", "--layouts", "1x2,2x1", "--workers", "2"]) == 2
+    assert "leave out --workers and --threads" in capsys.readouterr().err
+
+
 def test_cpu_groups_name_ray_train_and_its_loaders():
     from vaegan.bench_train import cpu_group
 

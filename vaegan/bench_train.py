@@ -304,6 +304,86 @@ def bench_train(preset: str = "mnist32", overrides: list[str] | None = None, *, 
         }
 
 
+def parse_layouts(spec: str) -> list[tuple[int, int]]:
+    """"1x2,2x1" -> [(1, 2), (2, 1)]: workers x threads per worker, each once."""
+    layouts = []
+    for item in spec.split(","):
+        workers, sep, threads = item.strip().partition("x")
+        if not (sep and workers.isdigit() and threads.isdigit() and int(workers) > 0 and int(threads) > 0):
+            raise UserError(f"--layouts {spec!r}: {item.strip()!r} is not a layout; each is WORKERSxTHREADS "
+                            "with both at least 1, comma-separated, e.g. 1x2,2x1")
+        layouts.append((int(workers), int(threads)))
+    if len(set(layouts)) < len(layouts):
+        raise UserError(f"--layouts {spec!r}: a layout is named twice; --rounds repeats them")
+    return layouts
+
+
+def run_order(layouts: list, rounds: int) -> list[tuple[int, object]]:
+    """(round, layout) in the order to run them: each round runs every layout, the odd rounds
+    in reverse (1x2, 2x1, 2x1, 1x2, ...), so that a machine drifting through the session
+    weighs on every layout alike."""
+    return [(r, layout) for r in range(rounds) for layout in (layouts if r % 2 == 0 else layouts[::-1])]
+
+
+def layout_name(report: dict) -> str:
+    return f"{report['workers']}x{report['threads_per_worker']}"
+
+
+def bench_train_rounds(preset: str = "mnist32", overrides: list[str] | None = None, *,
+                       layouts: list[tuple[int, int]], rounds: int, on_run=None, **kwargs) -> dict:
+    """`bench_train` for every layout, `rounds` times, alternated (`run_order`); each report
+    goes to `on_run(report)` as it comes. -> {"runs": the reports (each with its "round"),
+    "medians": per layout ("WxT") the medians of images/s, bare images/s, ratio, step ms and
+    bare step ms, and its images/s over the first layout's ("vs_first", medians)}. These
+    machines drift by more than the effects looked for between runs minutes apart, so one
+    run of each layout shows little; the medians of alternated rounds do."""
+    if rounds < 1:
+        raise UserError(f"--rounds {rounds}: the number of rounds must be at least 1")
+    runs = []
+    for r, (workers, threads) in run_order(layouts, rounds):
+        report = bench_train(preset, overrides, workers=workers, threads=threads, **kwargs)
+        runs.append(report := {"round": r + 1, **report})
+        if on_run:
+            on_run(report)
+
+    def figures(x: dict) -> dict:
+        return {"images_per_s": x["images_per_s"], "bare_images_per_s": x["bare_images_per_s"],
+                "ratio": x["ratio"], "step_ms": x["per_step_ms"].get("step", math.nan),
+                "bare_step_ms": x["bare_step_ms"]}
+
+    medians = {}
+    for workers, threads in layouts:
+        mine = [figures(x) for x in runs if (x["workers"], x["threads_per_worker"]) == (workers, threads)]
+        medians[f"{workers}x{threads}"] = {k: round(statistics.median(x[k] for x in mine), 3)
+                                           for k in mine[0]}
+    first = next(iter(medians.values()))["images_per_s"]
+    for m in medians.values():
+        m["vs_first"] = round(m["images_per_s"] / first, 3)
+    return {"preset": preset, "rounds": rounds, "runs": runs, "medians": medians}
+
+
+def format_run(r: dict) -> str:
+    """One line for one run of several (`bench_train_rounds`)."""
+    return (f"round {r['round']}  {layout_name(r)}  end to end {r['images_per_s']:7.1f}  "
+            f"bare {r['bare_images_per_s']:7.1f} images/s  ratio {r['ratio']:.3f}  "
+            f"step in the worker {r['per_step_ms'].get('step', math.nan):.1f} ms, "
+            f"bare {r['bare_step_ms']:.1f} ms")
+
+
+def format_medians(result: dict) -> str:
+    runs = result["runs"]
+    batches = ", ".join(sorted({f"{layout_name(x)} {x['global_batch']}" for x in runs}))
+    lines = [f"vaegan bench train: {result['preset']}, {result['rounds']} round(s), global batch "
+             f"{batches}, precision {runs[0]['precision']}; medians over the rounds:",
+             f"  {'layout':<8} {'end to end':>11} {'bare':>9} {'ratio':>7} {'step ms':>9} {'bare ms':>9}"
+             f" {'vs first':>9}"]
+    for layout, m in result["medians"].items():
+        lines.append(f"  {layout:<8} {m['images_per_s']:>11.1f} {m['bare_images_per_s']:>9.1f}"
+                     f" {m['ratio']:>7.3f} {m['step_ms']:>9.1f} {m['bare_step_ms']:>9.1f}"
+                     f" {m['vs_first']:>9.3f}")
+    return "\n".join(lines)
+
+
 def format_report(r: dict) -> str:
     lines = [f"vaegan bench train: {r['preset']}, {r['workers']} worker(s) x {r['threads_per_worker']} "
              f"thread(s), global batch {r['global_batch']}, precision {r['precision']}, "

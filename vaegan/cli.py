@@ -329,8 +329,13 @@ def _add_bench(sub) -> None:
                               "MLflow) beside the bare step, and where a step's time goes")
     tr.add_argument("--preset", default="mnist32", help="default mnist32 (the demo)")
     _add_overrides(tr)
-    tr.add_argument("--workers", type=int, default=1, help="Ray Train workers (default 1)")
-    tr.add_argument("--threads", type=int, default=2, help="CPUs (threads) per worker (default 2)")
+    tr.add_argument("--workers", type=int, help="Ray Train workers (default 1)")
+    tr.add_argument("--threads", type=int, help="CPUs (threads) per worker (default 2)")
+    tr.add_argument("--layouts", metavar="WxT,...",
+                    help="several layouts to compare, WORKERSxTHREADS each, e.g. 1x2,2x1 (instead of "
+                         "--workers and --threads)")
+    tr.add_argument("--rounds", type=int, default=1,
+                    help="run every layout this many times, alternated, and give the medians (default 1)")
     tr.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
     tr.add_argument("--warmup", type=int, default=20, help="first steps not counted (default 20)")
     tr.add_argument("--cpu-every", type=float, default=5.0, metavar="SECONDS",
@@ -353,11 +358,26 @@ def _bench_step(args: argparse.Namespace) -> None:
 def _bench_train(args: argparse.Namespace) -> None:
     import json
 
-    from vaegan.bench_train import bench_train, format_report
+    from vaegan import bench_train as bt
 
-    report = bench_train(args.preset, args.overrides, workers=args.workers, threads=args.threads,
-                         steps=args.steps, warmup=args.warmup, cpu_every=args.cpu_every)
-    print(json.dumps(report) if args.json else format_report(report), flush=True)
+    options = {"steps": args.steps, "warmup": args.warmup, "cpu_every": args.cpu_every}
+    if args.layouts is not None and (args.workers is not None or args.threads is not None):
+        raise UserError(f"--layouts {args.layouts} names the workers and threads of each run; "
+                        "leave out --workers and --threads")
+    layouts = bt.parse_layouts(args.layouts) if args.layouts else [(args.workers or 1, args.threads or 2)]
+    if len(layouts) == 1 and args.rounds == 1:
+        (workers, threads), = layouts
+        report = bt.bench_train(args.preset, args.overrides, workers=workers, threads=threads, **options)
+        print(json.dumps(report) if args.json else bt.format_report(report), flush=True)
+        return
+    # several runs: a line for each as it ends (JSON lines, or text), then the medians
+    def on_run(report: dict) -> None:
+        print(json.dumps(report) if args.json else bt.format_run(report), flush=True)
+
+    result = bt.bench_train_rounds(args.preset, args.overrides, layouts=layouts, rounds=args.rounds,
+                                on_run=on_run, **options)
+    summary = {k: v for k, v in result.items() if k != "runs"}
+    print(json.dumps(summary) if args.json else bt.format_medians(result), flush=True)
 
 
 def _models_tracking(args: argparse.Namespace) -> str:
