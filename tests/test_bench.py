@@ -178,7 +178,9 @@ def test_cli_bench_train_times_the_real_loop_beside_the_bare_step(tmp_path, mnis
     assert r["steps_timed"] == 18, r  # the windows from step 12 on: none that holds warm-up steps
     assert r["images_per_s"] > 0 and r["bare_images_per_s"] > 0, r
     assert r["ratio"] == pytest.approx(r["images_per_s"] / r["bare_images_per_s"], abs=2e-3), r
-    assert {"data", "step", "report"} <= set(r["per_step_ms"]), r
+    assert {"data", "step", "report", "checkpoint"} <= set(r["per_step_ms"]), r
+    # the final checkpoint, after the last report, is in the end to end and in its phase
+    assert r["final_s"] > 0 and r["per_step_ms"]["checkpoint"] > 0, r
     assert "allreduce" not in r["per_step_ms"], r  # one worker exchanges nothing
     assert sum(r["share"].values()) <= 1.05, r  # parts of the timed window, not more
     # looks every 0.5 s: at the default 5 the worker of so short a run once lived between two

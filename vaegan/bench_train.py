@@ -7,6 +7,10 @@ the same global batch, precision and layout, workers x threads threads). Reporte
 
     images_per_s        end to end: the images of every report window after the warm-up
                         over the time those windows took (the loop's own clock, all ranks)
+                        and what the run waits for after its last report: the last image
+                        grids, the final checkpoint, the final model's logging and
+                        registration (`final_s`, once a run: the shorter the run, the more
+                        of its time)
     steps_timed         the steps in those windows (the report windows that start after the
                         warm-up)
     bare_images_per_s   the bare step (images over time, timed before and after the training,
@@ -20,7 +24,9 @@ the same global batch, precision and layout, workers x threads threads). Reporte
     share               the same as shares of the timed window's wall time
     allreduce_ms        one all-reduce of the three networks' gradients between two local
                         gloo processes (what the ranks exchange per step; measured apart)
-    cores               where the machine's CPU time went over the timed window, in cores
+    final_s             the run's tail after its last report (in images_per_s, and in the
+                        phases above by what it was)
+    cores               where the machine's CPU time went over the report windows, in cores
                         busy (`CpuSampler`): the training workers, their data loaders, Ray's
                         own processes (raylet, GCS, dashboard, Train's controller and helper
                         actors), the driver, and everything else on the machine. On a machine
@@ -265,13 +271,18 @@ def bench_train(preset: str = "mnist32", overrides: list[str] | None = None, *, 
             raise UserError(f"no report window after the warm-up of {warmup} steps; raise --steps "
                             f"(or lower train.log_every, {cfg.train.log_every})")
         spans = {s: s - starts[s] for s in rates}
-        seconds = sum(spans[s] * global_batch / rates[s] for s in rates)
+        windows = sum(spans[s] * global_batch / rates[s] for s in rates)
+        # the run's tail after its last report, by phase (`train.report`: final_<phase>_s)
+        logged = client.get_run(res.mlflow_run_id).data.metrics
+        final = {k[len("final_"):-len("_s")]: v for k, v in logged.items()
+                 if k.startswith("final_") and k.endswith("_s")}
+        seconds = windows + sum(final.values())
         counted = sum(spans.values())  # the steps timed
         end_to_end = counted * global_batch / seconds
-        # The timed window on the wall clock (rank 0 logs each report when it is made): it ends
-        # at the last report and lasts the counted windows' seconds.
+        # The report windows on the wall clock (rank 0 logs each report when it is made): they
+        # end at the last report and last the counted windows' seconds.
         window_end = max(m.timestamp for m in reports) / 1000
-        cores = cpu.cores(window_end - seconds, window_end)
+        cores = cpu.cores(window_end - windows, window_end)
         if seconds < 2 * cpu_every:
             # A worker that lived between two looks was never seen under its own title: its
             # CPU time went to Ray's group (as ray::IDLE) or nowhere (a test run, 2026-12-03).
@@ -281,7 +292,7 @@ def bench_train(preset: str = "mnist32", overrides: list[str] | None = None, *, 
         per_step, share = {}, {}
         for phase in PHASES:  # each report's seconds per step, times its steps: the phase's seconds
             h = history(f"time_{phase}")
-            total = sum(h[s] * spans[s] for s in spans if s in h)
+            total = sum(h[s] * spans[s] for s in spans if s in h) + final.get(phase, 0.0)
             if total:  # averaged over every counted step: rare events (eval, checkpoints) too
                 per_step[phase] = 1000 * total / counted
                 share[phase] = total / seconds
@@ -297,6 +308,7 @@ def bench_train(preset: str = "mnist32", overrides: list[str] | None = None, *, 
             "ratio": round(end_to_end / bare, 3) if bare else math.nan,
             "per_step_ms": {k: round(v, 2) for k, v in per_step.items()},
             "share": {k: round(v, 4) for k, v in share.items()},
+            "final_s": round(sum(final.values()), 3),
             "bare_step_ms": round(1000 * global_batch / bare, 2),
             "allreduce_ms": round(1000 * allreduce, 2), "gradients": grads,
             "cores": {g: round(c, 3) for g, c in cores.items()}, "machine_cores": os.cpu_count(),
@@ -398,7 +410,9 @@ def format_report(r: dict) -> str:
     if r["workers"] > 1:
         lines.append(f"  {'gradient all-reduce (gloo)':<28} {r['allreduce_ms']:>9.2f} ms "
                      f"({r['gradients']:,} values, measured apart, nobody waiting)")
-    lines.append(f"  cores busy over the timed window (the machine has {r['machine_cores']}):")
+    lines.append(f"  {'after the last report':<28} {r['final_s']:>9.2f} s, in the phases above (the final "
+                 "checkpoint, model logging and registration: once a run)")
+    lines.append(f"  cores busy over the report windows (the machine has {r['machine_cores']}):")
     for group, cores in r["cores"].items():
         lines.append(f"    {group:<26} {cores:>9.2f}")
     return "\n".join(lines)

@@ -591,6 +591,11 @@ def report(w: Worker, progress: Progress, loader, register: bool) -> None:
     elif metrics is not None:  # a barrier on every rank; reaches Tune too (with its step)
         ray.train.report({**metrics, "step": step})
         progress.lap("report")
+    if last and fresh:
+        # What the run waits for after its last report (the last image grids, the final
+        # checkpoint, the final model's logging and registration) is in no report's window:
+        # logged apart, as final_<phase>_s (`vaegan bench train` counts it in the end to end).
+        w.logger.log_metrics({f"final_{k}_s": v for k, v in progress.phases.items()}, step)
     _maybe_kill(w)
 
 
