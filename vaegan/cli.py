@@ -341,7 +341,8 @@ def _add_bench(sub) -> None:
     tr.add_argument("--cpu-every", type=float, default=5.0, metavar="SECONDS",
                     help="seconds between looks at every process's CPU time (default 5; a short run "
                          "needs shorter, e.g. 0.5, or a worker can live between two looks)")
-    tr.add_argument("--json", action="store_true", help="print the report as JSON")
+    tr.add_argument("--json", action="store_true",
+                    help="print the report as JSON (with several runs: a line for each, then the medians)")
     tr.set_defaults(func=_bench_train)
 
 
