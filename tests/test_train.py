@@ -64,7 +64,7 @@ def test_two_workers_track_everything_in_mlflow(tmp_path, mnist_shards, mlflow_s
         history = client.get_metric_history(run.info.run_id, name)
         assert [m.step for m in history] == [2, 4, 6] and all(m.value > 0 for m in history), name
     # what the run waited for after its last report, logged apart (`vaegan bench train` counts it)
-    final = [m for m in client.get_metric_history(run.info.run_id, "final_checkpoint_s")]
+    final = client.get_metric_history(run.info.run_id, "final_checkpoint_s")
     assert [m.step for m in final] == [6] and final[0].value > 0, final
     for name in ("eval_fid_samples", "eval_fid_recon", "eval_ssim_recon", "eval_recognisable",
                  "eval_recognisable_mixture", "eval_fid_samples_mixture"):

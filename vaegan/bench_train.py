@@ -283,10 +283,10 @@ def bench_train(preset: str = "mnist32", overrides: list[str] | None = None, *, 
         # end at the last report and last the counted windows' seconds.
         window_end = max(m.timestamp for m in reports) / 1000
         cores = cpu.cores(window_end - windows, window_end)
-        if seconds < 2 * cpu_every:
+        if windows < 2 * cpu_every:
             # A worker that lived between two looks was never seen under its own title: its
             # CPU time went to Ray's group (as ray::IDLE) or nowhere (a test run, 2026-12-03).
-            print(f"vaegan bench train: the timed window ({seconds:.1f} s) is shorter than two of the "
+            print(f"vaegan bench train: the timed window ({windows:.1f} s) is shorter than two of the "
                   f"CPU sampler's intervals (--cpu-every {cpu_every:g}); the cores per group are rough",
                   file=sys.stderr)
         per_step, share = {}, {}
@@ -363,11 +363,11 @@ def bench_train_rounds(preset: str = "mnist32", overrides: list[str] | None = No
                 "ratio": x["ratio"], "step_ms": x["per_step_ms"].get("step", math.nan),
                 "bare_step_ms": x["bare_step_ms"]}
 
-    medians = {}
-    for workers, threads in layouts:
-        mine = [figures(x) for x in runs if (x["workers"], x["threads_per_worker"]) == (workers, threads)]
-        medians[f"{workers}x{threads}"] = {k: round(statistics.median(x[k] for x in mine), 3)
-                                           for k in mine[0]}
+    by_layout: dict[str, list[dict]] = {f"{w}x{t}": [] for w, t in layouts}  # in the given order
+    for x in runs:
+        by_layout[layout_name(x)].append(figures(x))
+    medians = {name: {k: round(statistics.median(x[k] for x in mine), 3) for k in mine[0]}
+               for name, mine in by_layout.items()}
     first = next(iter(medians.values()))["images_per_s"]
     for m in medians.values():
         m["vs_first"] = round(m["images_per_s"] / first, 3)
