@@ -21,6 +21,7 @@ from vaegan.checkpoint import (
     TrainState,
     check_complete,
     load_checkpoint,
+    non_finite_tensors,
     save_checkpoint,
 )
 from vaegan.cluster import LEASE, RunLease, RunLeaseError, storage_for
@@ -87,6 +88,16 @@ def test_a_checkpoint_is_never_written_with_non_finite_weights(tmp_path, debug_c
     with pytest.raises(CheckpointError, match=r"checkpoint of step 7: non-finite values in decoder\."):
         save_checkpoint(tmp_path / "ckpt", model, debug_cfg, TrainState(step=7))
     assert not list(tmp_path.iterdir())
+
+
+def test_non_finite_weights_are_named_and_large_finite_ones_are_not(debug_cfg):
+    model = VAEGAN(debug_cfg.model)
+    enc, dec = next(model.encoder.parameters()), next(model.decoder.parameters())
+    with torch.no_grad():
+        enc.view(-1)[:2] = 3e38  # finite, but their float32 sum overflows to inf
+        dec.view(-1)[-1] = float("-inf")
+    names = dict(model.named_parameters())
+    assert non_finite_tensors(model) == [k for k, v in names.items() if v is dec]
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -86,3 +88,20 @@ def test_bad_image_shape_is_named():
         model.encode(torch.zeros(2, 3, 32, 32))
     with pytest.raises(ValueError, match=r"\(B, 4\)"):
         model.decode(torch.zeros(2, 5))
+
+
+def test_a_net_built_from_weights_holds_them_and_nothing_else():
+    from vaegan.artifact import net_from_weights
+
+    cfg = replace(load_config("debug").model, latent_mixture=3)
+    trained = VAEGAN(cfg)
+    trained.latent_mixture.fitted.fill_(True)  # buffers travel too, not only parameters
+    net = net_from_weights(cfg, trained.state_dict())
+    assert {t.device.type for t in [*net.parameters(), *net.buffers()]} == {"cpu"}  # nothing left on meta
+    for (k, a), b in zip(trained.state_dict().items(), net.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=k)
+    x = torch.rand(2, cfg.channels, cfg.image_size, cfg.image_size) * 2 - 1
+    torch.testing.assert_close(net.eval().reconstruct(x), trained.eval().reconstruct(x))
+    partial = {k: v for k, v in trained.state_dict().items() if not k.startswith("latent_mixture.")}
+    with pytest.raises(RuntimeError, match="Missing key"):  # strict: a meta tensor never survives
+        net_from_weights(cfg, partial)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from vaegan.config import Config, ConfigError, config_from_dict
+from vaegan.config import Config, ConfigError, ModelConfig, config_from_dict
 from vaegan.errors import UserError
 from vaegan.model import VAEGAN
 
@@ -75,9 +75,18 @@ def load_net(files: Mapping[str, str | Path], map_location: str | torch.device =
              ) -> tuple[VAEGAN, Config]:
     """{"weights", "config", ...} -> (the VAEGAN in eval mode on `map_location`, its config)."""
     cfg = read_config(files["config"])
-    net = VAEGAN(cfg.model)
-    net.load_state_dict(torch.load(files["weights"], map_location="cpu", weights_only=True))
+    net = net_from_weights(cfg.model, torch.load(files["weights"], map_location="cpu", weights_only=True))
     return net.to(map_location).eval(), cfg
+
+
+def net_from_weights(cfg: ModelConfig, weights: Mapping[str, torch.Tensor]) -> VAEGAN:
+    """The VAEGAN of `cfg` holding `weights` (a strict load: every tensor, nothing else).
+    Built on the meta device and given the loaded tensors themselves: no random
+    initialisation to overwrite (0.4 s at celeba64) and no second copy in memory."""
+    with torch.device("meta"):
+        net = VAEGAN(cfg)
+    net.load_state_dict(weights, assign=True)
+    return net
 
 
 def save_model_folder(path: str | Path, net: VAEGAN, cfg: Config, attributes: dict | None = None) -> Path:

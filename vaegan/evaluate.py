@@ -47,7 +47,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from vaegan.artifact import ModelError
+from vaegan.artifact import ModelError, net_from_weights
 from vaegan.featurizer import SOFTMAX_CONFIDENT, EvalError, Featurizer, resolve_featurizer
 from vaegan.inference import resolve_device
 from vaegan.losses import llike_dis_l
@@ -364,9 +364,7 @@ def _load_model(path: str | Path, device: torch.device | str = "cpu") -> VAEGAN:
     blob = torch.load(path, map_location=device, weights_only=True)
     if not isinstance(blob, dict) or not {"config", "model"} <= blob.keys():
         raise EvalError(f"checkpoint file {str(path)!r} must hold a dict with keys 'config' and 'model'")
-    model = VAEGAN(config_from_dict(blob["config"]).model)
-    model.load_state_dict(blob["model"])
-    return model.to(device).eval()
+    return net_from_weights(config_from_dict(blob["config"]).model, blob["model"]).to(device).eval()
 
 
 def load_real_images(shards: str, n: int = FID_N, split: str = EVAL_SPLIT, *, s3_endpoint: str = ""

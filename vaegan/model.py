@@ -202,7 +202,9 @@ class VAEGAN(nn.Module):
         built = [Encoder(cfg) if encoder is None else None, Decoder(cfg) if decoder is None else None,
                  Discriminator(cfg) if discriminator is None else None]
         for net in built:
-            if net is not None:
+            # On the meta device a net is built only to take loaded weights (assign=True): no
+            # values to draw, and normal_ there would import torch's compiler (a second).
+            if net is not None and not next(net.parameters()).is_meta:
                 net.apply(init_weights)
         self.encoder = encoder if encoder is not None else built[0]
         self.decoder = decoder if decoder is not None else built[1]
