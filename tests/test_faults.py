@@ -204,6 +204,24 @@ def test_the_steps_one_collective_carries_the_divergence_flag_and_the_ranks_cloc
         guard.mean_across_ranks(torch.tensor([1.0, 2.0]))
 
 
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_the_guard_sees_a_non_finite_value_in_any_forward_output(bad):
+    from vaegan.train import Divergence, _FiniteGuard
+
+    model = VAEGAN(load_config("debug").model)
+    guard = _FiniteGuard(model, torch.device("cpu"), lambda t: t)
+    x = torch.zeros(2, model.cfg.channels, model.cfg.image_size, model.cfg.image_size)
+    model.discriminator(x)
+    guard.mean_across_ranks(torch.tensor([1.0]))  # finite outputs: nothing raised
+    model.eval()
+    model.discriminator(x.index_fill(0, torch.tensor([1]), bad))  # not a training step: not watched
+    guard.mean_across_ranks(torch.tensor([1.0]))
+    model.train()
+    model.discriminator(x.index_fill(0, torch.tensor([1]), bad))  # one image of the batch
+    with pytest.raises(Divergence, match="non-finite values in a forward pass"):
+        guard.mean_across_ranks(torch.tensor([1.0]))
+
 @pytest.mark.slow
 def test_a_nan_on_one_rank_rolls_every_rank_back_with_a_lower_lr(tmp_path, mnist_shards, mlflow_server,
                                                                  ray_local, monkeypatch):

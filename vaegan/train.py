@@ -445,7 +445,11 @@ class _FiniteGuard:
             return
         for out in output if isinstance(output, tuple | list) else (output,):
             if torch.is_tensor(out) and out.is_floating_point():  # no host sync here
-                self.bad = self.bad + (~torch.isfinite(out.detach())).any()
+                # A NaN or inf anywhere makes the sum non-finite: one reduction instead of a
+                # mask as large as the output (Dis_l at celeba64: 0.09 against 3.6 ms). Only
+                # outputs beyond 1e32 or so could sum to inf while finite, and those have
+                # diverged: the losses they feed overflow too.
+                self.bad = self.bad + ~torch.isfinite(out.detach().sum())
 
     def mean_across_ranks(self, scalars: torch.Tensor) -> torch.Tensor:
         # float32 like the gradients it travels with: a clock to 0.1 s over a week
