@@ -296,7 +296,8 @@ def bench_train(preset: str = "mnist32", overrides: list[str] | None = None, *, 
             if total:  # averaged over every counted step: rare events (eval, checkpoints) too
                 per_step[phase] = 1000 * total / counted
                 share[phase] = total / seconds
-        grads = param_count(VAEGAN(cfg.model))
+        with torch.device("meta"):  # shapes only: no weights to draw
+            grads = param_count(VAEGAN(cfg.model))
         allreduce = allreduce_seconds(grads) if workers > 1 else 0.0
         return {
             "preset": preset, "workers": workers, "threads_per_worker": threads, "global_batch": global_batch,

@@ -38,9 +38,12 @@ def _config_show(args: argparse.Namespace) -> None:
     cfg = load_config(args.preset, args.config, args.overrides)
     print(cfg.redacted().to_yaml(), end="")  # what is shown is redacted, like what is logged
     if args.params:
+        import torch
+
         from vaegan.model import VAEGAN, dis_l_shape, param_count
 
-        model = VAEGAN(cfg.model)
+        with torch.device("meta"):  # shapes only: no weights to draw
+            model = VAEGAN(cfg.model)
         print("# parameters")
         for name in ("encoder", "decoder", "discriminator"):
             print(f"#   {name:<14} {param_count(getattr(model, name)):>12,}")
