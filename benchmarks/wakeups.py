@@ -6,7 +6,9 @@ Starts `--processes` processes that each wake every 10 ms and compute for `--bus
 microseconds, as Ray's own processes do (15 of them at ~0.9% of a core each: 0.13 cores),
 and times the bare mnist32 step on 2 threads beside them, the policies alternated each round:
 none (no wakers), normal (SCHED_OTHER), idle (SCHED_IDLE), batch (SCHED_BATCH), nice19.
-No Ray: this isolates the mechanism `vaegan.cluster.IdleRay` acts on.
+No Ray: this isolates the mechanism `vaegan.cluster.IdleRay` acts on. `--step-nice -10` runs
+the step at the niceness `vaegan.threads.raise_this_thread` gives the training thread (needs
+CAP_SYS_NICE); the wakers stay at 0 whatever it is.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ POLICIES = ("none", "normal", "idle", "batch", "nice19")
 
 
 def waker(busy_us: float, policy: str, stop) -> None:
+    os.setpriority(os.PRIO_PROCESS, 0, 0)  # not the step's niceness (--step-nice), which forks copy
     if policy == "idle":
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     elif policy == "batch":
@@ -42,7 +45,10 @@ def main() -> None:
     ap.add_argument("--busy-us", type=float, default=87.0)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--step-nice", type=int, default=0,
+                    help="the step's niceness, set before its threads start (below 0 needs CAP_SYS_NICE)")
     args = ap.parse_args()
+    os.setpriority(os.PRIO_PROCESS, 0, args.step_nice)  # this thread; the OpenMP team inherits it
 
     from vaegan.allocator import keep_freed_memory
     from vaegan.config import load_config

@@ -19,6 +19,9 @@ from vaegan.config import load_config
 # 1,199 without (the IdleRay test alone: 91 s beside another module, 19 s on a quiet machine).
 # Off here, in this process and the subprocesses it starts; tests/test_console.py checks it.
 os.environ.setdefault("VAEGAN_IDLE_RAY", "0")
+# Likewise a training step at a raised priority (vaegan.threads.raise_this_thread, where the OS
+# allows it) would take the cores from the other module's servers; tests/test_threads.py checks it.
+os.environ.setdefault("VAEGAN_STEP_NICE", "0")
 
 
 @pytest.fixture

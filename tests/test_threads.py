@@ -1,6 +1,8 @@
 """Threads beside the step in a training process. vaegan.threads: a side thread that runs
 torch ops (the MLflow sender logging a model) gets no OpenMP team of its own, and the step's
-thread keeps its thread count. A lone rank has no gloo thread waking every 10 ms.
+thread keeps its thread count. The step's team runs at the raised priority of its thread,
+where the OS allows it, and the threads and loader processes it starts do not. A lone rank has
+no gloo thread waking every 10 ms.
 
 Each check runs in a fresh process (torch's thread settings are process-wide) whose main
 thread plays the step's: 2 torch threads, its team made by a parallel op. A team shows as
@@ -8,6 +10,8 @@ new threads of the process that Python did not start, named as the process (libg
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 
@@ -66,6 +70,44 @@ logger.end()
 """
 
 
+PRIORITY = PRELUDE + """
+import json, multiprocessing
+from vaegan.data.reader import _loader_started
+from vaegan.threads import raise_this_thread, side_thread
+def nice():
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())  # Linux: per thread
+def may_lower():  # whether this process may lower a thread's niceness (CAP_SYS_NICE)
+    def probe():
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice() - 1)
+            out.append(True)
+        except PermissionError:
+            out.append(False)
+    out = []
+    t = threading.Thread(target=probe)
+    t.start(); t.join()
+    return out[0]
+base, allowed = nice(), may_lower()
+got = raise_this_thread()  # before the first parallel op, as the training thread does
+before = native()
+step()
+team = [os.getpriority(os.PRIO_PROCESS, t) for t in native() - before]
+side = []
+def side_main():
+    side_thread()
+    side.append(nice())
+t = threading.Thread(target=side_main)
+t.start(); t.join()
+def loader(q):  # a DataLoader worker: a fork of the step's thread
+    _loader_started(0)
+    q.put(nice())
+q = multiprocessing.get_context("fork").Queue()
+p = multiprocessing.get_context("fork").Process(target=loader, args=(q,))
+p.start(); forked = q.get(); p.join()
+print(json.dumps(dict(base=base, allowed=allowed, got=got, team=team, side=side[0], loader=forked)))
+"""
+
+
 ALONE = """
 import os, time, torch.distributed as dist
 from vaegan import distributed
@@ -103,6 +145,18 @@ def test_logging_a_model_starts_no_team_beside_the_step(tmp_path):
     cfg = load_config("mnist32")
     save_checkpoint(tmp_path / "ckpt", VAEGAN(cfg.model), cfg, TrainState(step=3))
     assert run(SENDER, str(tmp_path)) == (0, 2)
+
+
+def test_the_step_team_runs_raised_and_what_it_starts_does_not():
+    env = {**os.environ, "VAEGAN_STEP_NICE": "-10"}
+    out = subprocess.run([sys.executable, "-c", PRIORITY], capture_output=True, text=True, timeout=300,
+                         env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.splitlines()[-1])
+    # at -10 where the OS allows it (root, CAP_SYS_NICE); else quietly as it was
+    assert r["got"] == (-10 if r["allowed"] else r["base"]), r
+    assert r["team"] == [r["got"]], r  # the step's one other OpenMP thread inherited it
+    assert r["side"] == r["base"] and r["loader"] == r["base"], r
 
 
 def test_a_lone_rank_leaves_its_group_and_gloo_stops_waking():

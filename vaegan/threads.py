@@ -14,11 +14,26 @@ So a side thread runs its torch ops on one thread (no team), `side_thread()`. to
 thread count into each thread once, at the thread's first parallel op, from a process-wide
 value that `torch.set_num_threads` also sets: the step's thread settles its own count first
 (`settle_this_thread`), or a side thread's setting would become the step's.
+
+The step's threads also run at a higher CPU priority than the rest of the machine where the OS
+allows it (`raise_this_thread`, niceness VAEGAN_STEP_NICE, -10 by default). A process that
+wakes beside a 2-thread step takes a core from one of its threads while the other spins at the
+next barrier; Ray's own processes of a local Ray run at idle priority (`cluster.IdleRay`), yet
+fifteen such wakers, 0.13 cores in all, still cost a nice-0 step 13-15% and a nice -10 one 7-8%
+(benchmarks/wakeups.py, docs/results.md). Threads that the step's thread starts inherit its
+niceness: a side thread and the data loader go back to the process's own (`lower_this_thread`).
 """
 
 from __future__ import annotations
 
+import os
+import threading
+
 import torch
+
+STEP_NICE_ENV = "VAEGAN_STEP_NICE"
+STEP_NICE = -10  # 9.3x a nice-0 thread's CPU weight; below 0 needs CAP_SYS_NICE
+_base_nice: int | None = None  # the process's niceness before the step's thread was raised
 
 
 def settle_this_thread() -> int:
@@ -30,5 +45,34 @@ def settle_this_thread() -> int:
 def side_thread() -> None:
     """Run the calling thread's torch ops on one thread, in no OpenMP team: call it first
     thing in a thread that is not the step's. Threads that have not settled their count take
-    one thread from then on."""
+    one thread from then on. It also leaves the step's raised priority, if it inherited it."""
     torch.set_num_threads(1)
+    lower_this_thread()
+
+
+def raise_this_thread() -> int:
+    """The calling thread (the step's) to niceness VAEGAN_STEP_NICE (default -10), before its
+    first parallel op so that its OpenMP team, started then, inherits it. Where the OS refuses
+    (no CAP_SYS_NICE: the usual container) the thread stays as it is, quietly: the step loses
+    only what it loses anyway. -> the niceness the thread runs at."""
+    global _base_nice
+    tid = threading.get_native_id()
+    now = os.getpriority(os.PRIO_PROCESS, tid)  # Linux: per thread
+    if _base_nice is None:
+        _base_nice = now
+    want = int(os.environ.get(STEP_NICE_ENV, STEP_NICE))
+    if want < now:
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, want)
+        except PermissionError:
+            pass
+    return os.getpriority(os.PRIO_PROCESS, tid)
+
+
+def lower_this_thread() -> None:
+    """The calling thread back to the process's niceness before `raise_this_thread`: first
+    thing in a thread or process that the step's thread started (it inherited the step's)."""
+    if _base_nice is not None:
+        tid = threading.get_native_id()
+        if os.getpriority(os.PRIO_PROCESS, tid) < _base_nice:
+            os.setpriority(os.PRIO_PROCESS, tid, _base_nice)  # raising niceness needs no privilege

@@ -183,6 +183,7 @@ def set_up(config: dict) -> Worker:
     from vaegan.allocator import keep_freed_memory
     from vaegan.cluster import keep_normal_priority, node_id
     from vaegan.step import TrainStep
+    from vaegan.threads import raise_this_thread
     from vaegan.tracking import MlflowLogger, NullLogger
 
     cfg = config_from_dict(config["cfg"])
@@ -194,6 +195,7 @@ def set_up(config: dict) -> Worker:
     if not keep_normal_priority():
         say(f"[vaegan] warning: rank {rank} runs at idle CPU priority and may not leave it; "
             "set VAEGAN_IDLE_RAY=0 for this driver")
+    niceness = raise_this_thread()  # before the step's first parallel op starts its OpenMP team
     device = ray.train.torch.get_device()
     if device.type == "cuda":  # fixed shapes every step: let cuDNN pick its fastest kernels once
         torch.backends.cudnn.benchmark = True
@@ -220,7 +222,8 @@ def set_up(config: dict) -> Worker:
     if rank == 0:
         logger = MlflowLogger(config["tracking_uri"], state.mlflow_run_id, cfg.tracking.log_checkpoints,
                               tracking=cfg.tracking, say=say)
-        logger.set_tags({f"{NODE_TAG}.rank{r}": n for r, n in enumerate(nodes)})
+        logger.set_tags({**{f"{NODE_TAG}.rank{r}": n for r, n in enumerate(nodes)},
+                         "vaegan.step_niceness": str(niceness)})
         if found or skipped:
             logger.set_tags({"vaegan.resumed_from": f"step {state.step} ({Path(found).name})" if found
                              else "step 0 (no complete checkpoint)",

@@ -145,6 +145,13 @@ class _Counter:
             warnings.warn(message, DataWarning, stacklevel=3)
 
 
+def _loader_started(worker_id: int) -> None:
+    # a fork of the step's thread, whose raised priority it would keep (vaegan.threads)
+    from vaegan.threads import lower_this_thread
+
+    lower_this_thread()
+
+
 def _as_sent(item):
     """A loader worker's items as they are: numpy batches, pickled through the queue's pipe.
     DataLoader's default would make them tensors, which cross in shared memory: the training
@@ -401,7 +408,7 @@ class ShardLoader:
 
     def __iter__(self):
         dl = DataLoader(_ShardStream(self), batch_size=None, num_workers=self.loader_workers,
-                        persistent_workers=False, collate_fn=_as_sent)
+                        persistent_workers=False, collate_fn=_as_sent, worker_init_fn=_loader_started)
         W = max(1, self.loader_workers)
         final = None if self.epochs is None else self.epoch + self.epochs - 1
         counts: dict[int, dict[int, tuple]] = {}  # epoch -> worker -> stats; a worker may be an epoch ahead
