@@ -4,6 +4,7 @@ weights and noise, its Dis update equals ours; and the FLOP count shows the savi
 import copy
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,6 +156,36 @@ def test_cpu_sampler_keeps_a_training_worker_in_its_group():
     cpu._sample()
     mine = time.process_time()
     assert cpu.totals[-1]["Ray"] == 0 and cpu.totals[-1]["training workers"] >= mine - 0.5, cpu.totals
+
+
+def test_cpu_sampler_keeps_an_exiting_process_in_its_group():
+    """A process that has exited (a zombie, not yet reaped: Ray's, as a run ends) has no title
+    left; its CPU time stays in the group it was seen in, not moved to "other"."""
+    import subprocess
+    import sys
+
+    from vaegan.bench_train import CpuSampler, cpu_group
+
+    def classify(cmd, parent_cmd, pid, me):
+        return "Ray" if "ray-marker" in cmd else cpu_group(cmd, parent_cmd, pid, me)
+
+    spin = ("# ray-marker\nimport sys, time\nt = time.process_time()\n"
+            "while time.process_time() - t < 0.3: pass\nsys.stdin.readline()")
+    child = subprocess.Popen([sys.executable, "-c", spin], stdin=subprocess.PIPE)
+    try:
+        cpu = CpuSampler(classify=classify)
+        deadline = time.monotonic() + 30
+        while (not cpu.totals or cpu.totals[-1]["Ray"] < 0.3) and time.monotonic() < deadline:
+            time.sleep(0.1)
+            cpu._sample()
+        seen = cpu.totals[-1]["Ray"]
+        child.stdin.close()  # it exits; unreaped, /proc keeps its stat without a cmdline
+        while Path(f"/proc/{child.pid}/cmdline").read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        cpu._sample()
+        assert cpu.totals[-1]["Ray"] >= seen >= 0.3, cpu.totals
+    finally:
+        child.wait()
 
 
 @pytest.mark.slow

@@ -76,35 +76,35 @@ from vaegan.data.reader import _loader_started
 from vaegan.threads import raise_this_thread, side_thread
 def nice():
     return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())  # Linux: per thread
-def may_lower():  # whether this process may lower a thread's niceness (CAP_SYS_NICE)
-    def probe():
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice() - 1)
-            out.append(True)
-        except PermissionError:
-            out.append(False)
+def in_thread(fn):
     out = []
-    t = threading.Thread(target=probe)
+    t = threading.Thread(target=lambda: out.append(fn()))
     t.start(); t.join()
     return out[0]
-base, allowed = nice(), may_lower()
-got = raise_this_thread()  # before the first parallel op, as the training thread does
-before = native()
-step()
-team = [os.getpriority(os.PRIO_PROCESS, t) for t in native() - before]
-side = []
-def side_main():
-    side_thread()
-    side.append(nice())
-t = threading.Thread(target=side_main)
-t.start(); t.join()
-def loader(q):  # a DataLoader worker: a fork of the step's thread
+def may_lower():  # whether this process may lower a thread's niceness (CAP_SYS_NICE)
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice() - 1)
+        return True
+    except PermissionError:
+        return False
+def loader(q):  # a DataLoader worker: a fork of the training thread
     _loader_started(0)
     q.put(nice())
-q = multiprocessing.get_context("fork").Queue()
-p = multiprocessing.get_context("fork").Process(target=loader, args=(q,))
-p.start(); forked = q.get(); p.join()
-print(json.dumps(dict(base=base, allowed=allowed, got=got, team=team, side=side[0], loader=forked)))
+def training():  # as Ray runs it: a thread beside the process's main thread
+    got = raise_this_thread()  # before the first parallel op
+    before = native()
+    step()
+    team = [os.getpriority(os.PRIO_PROCESS, t) for t in native() - before]
+    def side_main():
+        side_thread()
+        return nice()
+    side = in_thread(side_main)
+    q = multiprocessing.get_context("fork").Queue()
+    p = multiprocessing.get_context("fork").Process(target=loader, args=(q,))
+    p.start(); forked = q.get(); p.join()
+    return dict(got=got, team=team, side=side, loader=forked)
+r = dict(base=nice(), allowed=in_thread(may_lower), **in_thread(training))
+print(json.dumps(r))
 """
 
 

@@ -153,17 +153,22 @@ class CpuSampler:
                     cmdline = f.read()
             except OSError:  # gone, or not ours to read
                 continue
-            # the title a process gave itself (ray::...) is its cmdline; a kernel thread has none
-            cmd = cmdline.replace(b"\0", b" ").strip() or name
-            procs[pid] = (ppid, start, ticks / self._tick, cmd.decode(errors="replace"))
-        for pid, (ppid, start, seconds, cmd) in procs.items():
+            # the title a process gave itself (ray::...) is its cmdline; a kernel thread has none,
+            # nor has a process that is exiting
+            cmd = cmdline.replace(b"\0", b" ").strip()
+            procs[pid] = (ppid, start, ticks / self._tick, (cmd or name).decode(errors="replace"), not cmd)
+        for pid, (ppid, start, seconds, cmd, untitled) in procs.items():
             parent_cmd = procs[ppid][3] if ppid in procs else ""
             # Classified afresh each time: a Ray worker starts as ray::IDLE and takes its
             # actor's name (ray::RayTrainWorker) later; its CPU time so far goes with it. But
-            # a training worker stays one: as it exits, its title is gone (an empty cmdline).
+            # a training worker stays one, and a process seen before keeps its group once its
+            # title is gone as it exits (Ray's, as the run ends: "Ray" went below 0 cores when
+            # their time moved to "other" in the sample after the run, which the report
+            # window's end is interpolated from).
             group = self.classify(cmd, parent_cmd, pid, me)
             before = self._last.get((pid, start), (group,))[0]
-            self._last[(pid, start)] = (before if before in STICKY_GROUPS else group, seconds)
+            keep = before in STICKY_GROUPS or (untitled and (pid, start) in self._last)
+            self._last[(pid, start)] = (before if keep else group, seconds)
         totals = dict.fromkeys(self.groups, 0.0)
         for group, seconds in self._last.values():
             if group not in totals:

@@ -21,7 +21,8 @@ wakes beside a 2-thread step takes a core from one of its threads while the othe
 next barrier; Ray's own processes of a local Ray run at idle priority (`cluster.IdleRay`), yet
 fifteen such wakers, 0.13 cores in all, still cost a nice-0 step 13-15% and a nice -10 one 7-8%
 (benchmarks/wakeups.py, docs/results.md). Threads that the step's thread starts inherit its
-niceness: a side thread and the data loader go back to the process's own (`lower_this_thread`).
+niceness: a side thread goes back to the process's own (`lower_this_thread`), and the data
+loader's processes to their parent's (`vaegan.data.reader`).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def raise_this_thread() -> int:
 
 def lower_this_thread() -> None:
     """The calling thread back to the process's niceness before `raise_this_thread`: first
-    thing in a thread or process that the step's thread started (it inherited the step's)."""
+    thing in a thread that the step's thread started (it inherited the step's)."""
     if _base_nice is not None:
         tid = threading.get_native_id()
         if os.getpriority(os.PRIO_PROCESS, tid) < _base_nice:

@@ -60,6 +60,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import os
 import random
 import warnings
 
@@ -146,10 +147,12 @@ class _Counter:
 
 
 def _loader_started(worker_id: int) -> None:
-    # a fork of the step's thread, whose raised priority it would keep (vaegan.threads)
-    from vaegan.threads import lower_this_thread
-
-    lower_this_thread()
+    # A fork of the thread that iterates the loader, whose niceness it inherits: a training
+    # thread runs raised where it may (vaegan.threads.raise_this_thread). A loader process
+    # takes its parent process's, its main thread's, instead (raising it needs no privilege).
+    parent = os.getpriority(os.PRIO_PROCESS, os.getppid())  # Linux: the thread with that id
+    if os.getpriority(os.PRIO_PROCESS, 0) < parent:
+        os.setpriority(os.PRIO_PROCESS, 0, parent)
 
 
 def _as_sent(item):
