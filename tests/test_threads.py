@@ -159,6 +159,16 @@ def test_the_step_team_runs_raised_and_what_it_starts_does_not():
     assert r["side"] == r["base"] and r["loader"] == r["base"], r
 
 
+@pytest.mark.parametrize("value", ["high", "-25", "20"])
+def test_a_bad_step_niceness_is_named(monkeypatch, value):
+    from vaegan.errors import UserError
+    from vaegan.threads import step_niceness
+
+    monkeypatch.setenv("VAEGAN_STEP_NICE", value)
+    with pytest.raises(UserError, match=f"VAEGAN_STEP_NICE='{value}'.*integer from -20 to 19"):
+        step_niceness()
+
+
 def test_a_lone_rank_leaves_its_group_and_gloo_stops_waking():
     # gloo's TCP loop wakes every 10 ms at normal priority beside the step; one rank needs no group
     out = subprocess.run([sys.executable, "-c", ALONE], capture_output=True, text=True, timeout=120)

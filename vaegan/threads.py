@@ -32,6 +32,8 @@ import threading
 
 import torch
 
+from vaegan.errors import UserError
+
 STEP_NICE_ENV = "VAEGAN_STEP_NICE"
 STEP_NICE = -10  # 9.3x a nice-0 thread's CPU weight; below 0 needs CAP_SYS_NICE
 _base_nice: int | None = None  # the process's niceness before the step's thread was raised
@@ -51,6 +53,19 @@ def side_thread() -> None:
     lower_this_thread()
 
 
+def step_niceness() -> int:
+    """VAEGAN_STEP_NICE, checked: an integer from -20 to 19 (default STEP_NICE)."""
+    raw = os.environ.get(STEP_NICE_ENV, str(STEP_NICE))
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or not -20 <= value <= 19:
+        raise UserError(f"{STEP_NICE_ENV}={raw!r}: the training step's niceness must be an integer "
+                        f"from -20 to 19 ({STEP_NICE} by default; 0 leaves the step's thread as it is)")
+    return value
+
+
 def raise_this_thread() -> int:
     """The calling thread (the step's) to niceness VAEGAN_STEP_NICE (default -10), before its
     first parallel op so that its OpenMP team, started then, inherits it. Where the OS refuses
@@ -61,7 +76,7 @@ def raise_this_thread() -> int:
     now = os.getpriority(os.PRIO_PROCESS, tid)  # Linux: per thread
     if _base_nice is None:
         _base_nice = now
-    want = int(os.environ.get(STEP_NICE_ENV, STEP_NICE))
+    want = step_niceness()
     if want < now:
         try:
             os.setpriority(os.PRIO_PROCESS, tid, want)

@@ -874,9 +874,11 @@ def fit(cfg: Config) -> FitResult:
 
 def _fit(cfg: Config) -> FitResult:
     from vaegan import cluster
+    from vaegan.threads import step_niceness
     from vaegan.tracking import resolve_tracking_uri
 
     T = cfg.train
+    step_niceness()  # a bad VAEGAN_STEP_NICE is refused here, not in every worker
     cfg.data.shards = resolve_data(cfg)
     if cfg.loss.attribute_weight or cfg.model.dis_attributes:
         resolve_attribute_head(cfg, binary_attributes(cfg.data.shards, cfg.data.s3_endpoint))
