@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import zipfile
 from pathlib import Path
 
 import mlflow
@@ -65,6 +66,33 @@ def test_a_checkpoint_is_complete_only_when_its_manifest_matches(tmp_path, debug
     assert "model.pt does not match" in check_complete(path)
     (path / MANIFEST).unlink()  # the writer stopped before the manifest
     assert check_complete(path).startswith("no manifest.json")
+
+
+def test_a_checkpoint_hands_over_the_model_files_before_the_optimizer_states(tmp_path, debug_cfg):
+    """`model_written` sees the files a registered model keeps before trainer.pt is written;
+    links taken then hold the checkpoint's bytes after the rename. No zip record carries a
+    CRC-32 (the manifest's sha256 checks the files), and all of it loads."""
+    model, early = VAEGAN(debug_cfg.model), tmp_path / "early"
+    seen = []
+
+    def written(folder: Path) -> None:
+        early.mkdir()
+        for f in sorted(folder.iterdir()):
+            seen.append(f.name)
+            os.link(f, early / f.name)
+
+    path = save_checkpoint(tmp_path / "ckpt", model, debug_cfg, TrainState(step=3),
+                           {"opt": torch.ones(5)}, model_written=written)
+    assert seen == ["config.yaml", "model.pt", "state.json"]
+    assert check_complete(path) == ""
+    assert all((early / name).read_bytes() == (path / name).read_bytes() for name in seen)
+    for name in ("model.pt", "trainer.pt"):
+        with zipfile.ZipFile(path / name) as z:
+            assert {i.CRC for i in z.infolist()} == {0}, name
+    assert torch.load(path / "trainer.pt", weights_only=True)["opt"].tolist() == [1.0] * 5
+    loaded, _, state = load_checkpoint(path)
+    assert state.step == 3
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
 
 
 def test_a_checkpoint_keeps_dis_attribute_head(tmp_path, debug_cfg):

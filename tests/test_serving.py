@@ -142,7 +142,8 @@ def test_a_run_keeps_one_best_model_and_deletes_the_one_it_replaces(tracking, ch
     resumed.log_checkpoint(checkpoint, 60, {m: 3.5})            # worse than the 3.0 in MLflow
     resumed.flush(60)
     assert resumed.best_value == 3.0
-    resumed.log_final_model(checkpoint, 70, {m: 2.0})           # the final model is the best now
+    resumed.start_final_model(checkpoint, 70, {m: 2.0})         # the final model is the best now,
+    resumed.log_final_model(checkpoint, 70, {m: 2.0})           # queued early and logged once
     resumed.end()
     live = live_models(client, run_id)
     bests = [mm for mm in live if mm.tags.get(BEST_TAG) == m]

@@ -89,11 +89,21 @@ def net_from_weights(cfg: ModelConfig, weights: Mapping[str, torch.Tensor]) -> V
     return net
 
 
+def save_tensors(obj, file: Path) -> None:
+    """torch.save without a CRC-32 of every record in the zip: nothing reads them back
+    (torch.load does not check them), and they were a third of the time of writing a
+    checkpoint (0.45 of 1.5 s at celeba64); a checkpoint's manifest holds each file's sha256."""
+    from torch.utils.serialization import config
+
+    with config.patch({"save.compute_crc32": False}):
+        torch.save(obj, file)
+
+
 def save_model_folder(path: str | Path, net: VAEGAN, cfg: Config, attributes: dict | None = None) -> Path:
     """Write model.pt and config.yaml (and attributes.json when given) into `path`."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, path / WEIGHTS)
+    save_tensors({k: v.detach().cpu() for k, v in net.state_dict().items()}, path / WEIGHTS)
     # Redacted: this file travels (checkpoint storage, registered models) and is read back
     # only for the model section; resume takes the driver's live config.
     (path / CONFIG).write_text(cfg.redacted().to_yaml())

@@ -21,12 +21,13 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from vaegan.artifact import STATE, WEIGHTS, folder_files, load_net, save_model_folder
+from vaegan.artifact import STATE, WEIGHTS, folder_files, load_net, save_model_folder, save_tensors
 from vaegan.config import Config
 from vaegan.errors import UserError
 from vaegan.model import VAEGAN
@@ -60,9 +61,15 @@ class TrainState:
 
 
 def save_checkpoint(path: str | Path, model: VAEGAN, cfg: Config, state: TrainState,
-                    trainer_state: dict | None = None) -> Path:
+                    trainer_state: dict | None = None,
+                    model_written: Callable[[Path], None] | None = None) -> Path:
     """Write the directory at `path` atomically (a temp sibling, then a rename), its
-    manifest last. Refuses (CheckpointError) weights that are not all finite."""
+    manifest last. Refuses (CheckpointError) weights that are not all finite.
+
+    `model_written(folder)` is called once the files a registered model keeps (model.pt,
+    config.yaml, state.json) are in the temp folder, before the optimizer states: what it
+    starts with them (the final model's logging) goes on beside the rest of the write. Their
+    hard links and open files survive the rename."""
     from vaegan import __version__
 
     bad = non_finite_tensors(model)
@@ -73,10 +80,12 @@ def save_checkpoint(path: str | Path, model: VAEGAN, cfg: Config, state: TrainSt
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_model_folder(tmp, model, cfg)
-    if trainer_state is not None:
-        torch.save({**trainer_state, "torch_rng": torch.get_rng_state()}, tmp / TRAINER)
     state.version = __version__
     (tmp / STATE).write_text(json.dumps(asdict(state), indent=2))
+    if model_written is not None:
+        model_written(tmp)
+    if trainer_state is not None:
+        save_tensors({**trainer_state, "torch_rng": torch.get_rng_state()}, tmp / TRAINER)
     write_manifest(tmp, state.step)
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)

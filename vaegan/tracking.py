@@ -295,6 +295,7 @@ class NullLogger:
     def set_tags(self, tags: dict[str, str]) -> None: ...
     def log_checkpoint(self, path: str | Path, step: int, metrics: dict | None = None, *,
                        final: bool = False) -> None: ...
+    def start_final_model(self, path: str | Path, step: int, metrics: dict | None = None) -> None: ...
     def log_final_model(self, path: str | Path, step: int, metrics: dict | None = None) -> str: return ""
     def flush(self, timeout: float, through_outage: bool = False) -> bool: return True
     def grace_left(self) -> float: return 0.0
@@ -370,6 +371,7 @@ class MlflowLogger(NullLogger):
         self._last_error = ""
         self._stopped = False
         self._deadline: float | None = None  # end of the grace period, once the end began
+        self._final: _Item | None = None  # the final model, once queued
         self._run_open = False  # the fluent run in the sender thread
         self._images_tagged = False
         self._serial = itertools.count()
@@ -475,18 +477,26 @@ class MlflowLogger(NullLogger):
             self._deadline = time.monotonic() + self.grace_seconds
         return max(self._deadline - time.monotonic(), 0.0)
 
-    def log_final_model(self, path: str | Path, step: int, metrics: dict | None = None) -> str:
-        """Log the final model of this run once everything before it is sent; -> its model
-        URI (for `vaegan.registry.register`). When its `metrics` beat the run's best it is also
-        the run's best (tagged; the `best` copy it replaces is deleted). Waits out an outage
-        within the grace period, then raises a TrackingError that says where the model is."""
+    def start_final_model(self, path: str | Path, step: int, metrics: dict | None = None) -> None:
+        """Queue the final model's logging (its files are spooled now) without waiting for it:
+        `log_final_model` of the same step waits. When its `metrics` beat the run's best it is
+        also the run's best (tagged; the `best` copy it replaces is deleted)."""
         value = self._best_candidate(metrics)
         folder = self._spool_model(path, "model", required=True)
-        item = _Item("model", step, (folder, "model"), "final model", done=threading.Event())
+        self._final = _Item("model", step, (folder, "model"), "final model", done=threading.Event())
         if value is None:
-            self._put(item)
+            self._put(self._final)
         else:
-            self._put_best(item, value)
+            self._put_best(self._final, value)
+
+    def log_final_model(self, path: str | Path, step: int, metrics: dict | None = None) -> str:
+        """Log the final model of this run once everything before it is sent (unless
+        `start_final_model` queued it already); -> its model URI (for
+        `vaegan.registry.register`). Waits out an outage within the grace period, then raises
+        a TrackingError that says where the model is."""
+        if self._final is None or self._final.step != step:
+            self.start_final_model(path, step, metrics)
+        item = self._final
         if not item.done.wait(self.grace_left()):
             self._stop()
             self._note_unsent()

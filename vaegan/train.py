@@ -167,7 +167,7 @@ def train_loop_per_worker(config: dict) -> None:
     if w.state.step >= w.cfg.train.steps:  # resumed from the final checkpoint
         # A crash between the final checkpoint and the registration: report it again (every
         # rank: a report is a barrier), which registers the model unless this run did already.
-        _report_checkpoint(w, None, True, config.get("register", True))
+        _report_checkpoint(w, None, True, config.get("register", True), again=True)
     loop(w, config)
     w.logger.end()
 
@@ -687,10 +687,12 @@ def _hms(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def _report_checkpoint(w: Worker, metrics: dict | None, last: bool, register: bool) -> None:
+def _report_checkpoint(w: Worker, metrics: dict | None, last: bool, register: bool,
+                       again: bool = False) -> None:
     """Rank 0 writes the checkpoint directory; every rank reports (a barrier). After the last
     one rank 0 logs the final model and registers it, unless `register` is off (a sweep's
-    trials: the sweep registers only its best trial)."""
+    trials: the sweep registers only its best trial). `again`: the final checkpoint once more,
+    after a restart that may have come after its registration."""
     import ray.train
 
     metrics = metrics or {}
@@ -703,7 +705,13 @@ def _report_checkpoint(w: Worker, metrics: dict | None, last: bool, register: bo
         if w.ema is not None:
             trainer_state[LIVE] = {"encoder": w.model.encoder.state_dict(),
                                    "decoder": w.model.decoder.state_dict(), "updates": w.ema.updates}
-        path = save_checkpoint(tmp / f"step-{w.state.step:07d}", w.served, w.cfg, w.state, trainer_state)
+        # The final model's logging (2 s at celeba64: MLflow's check of the model, the upload)
+        # starts once its files are written, beside the optimizer states' write and Ray's copy.
+        # Not `again`, when this step's model may be registered already (checked below).
+        early = last and register and not again
+        path = save_checkpoint(
+            tmp / f"step-{w.state.step:07d}", w.served, w.cfg, w.state, trainer_state,
+            model_written=(lambda f: w.logger.start_final_model(f, w.state.step, metrics)) if early else None)
         ray.train.report({**metrics, "step": w.state.step, "last": float(last)},
                          checkpoint=ray.train.Checkpoint.from_directory(str(path)))
         # MLflow keeps the final model and the best checkpoint by tracking.best_metric; the
