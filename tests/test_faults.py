@@ -95,6 +95,20 @@ def test_a_checkpoint_hands_over_the_model_files_before_the_optimizer_states(tmp
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
 
 
+def test_a_failed_checkpoint_write_leaves_no_folder_behind(tmp_path, debug_cfg):
+    """Written in place in the run's folder, a write that fails half way (a full disk) must
+    leave neither a half-written temp folder nor a changed checkpoint."""
+    model = VAEGAN(debug_cfg.model)
+
+    def disk_full(folder: Path) -> None:
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(tmp_path / "ckpt", model, debug_cfg, TrainState(step=3), {"opt": torch.ones(5)},
+                        model_written=disk_full)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_checkpoint_keeps_dis_attribute_head(tmp_path, debug_cfg):
     debug_cfg.model.dis_attributes = 4
     model = VAEGAN(debug_cfg.model)
@@ -302,8 +316,15 @@ def test_resume_skips_a_torn_checkpoint_and_sets_aside_an_unreadable_ray_index(
     assert json.loads((newest / "state.json").read_text())["step"] == 4
     weights = newest / "model.pt"
     weights.write_bytes(weights.read_bytes()[:1000])  # a crash mid-upload
+    # a writer killed before its rename, in place in the run's folder (the newest name)
+    unfinished = newest.with_name("checkpoint_9999-12-31_23-59-59.999999.tmp")
+    unfinished.mkdir()
+    (unfinished / "model.pt").write_bytes(b"\0" * 1000)
+    capfd.readouterr()
     res = train(6)  # before manifests: every restart failed loading model.pt
     assert res.step == 6
+    assert f"removing the unfinished checkpoint {unfinished}" in "".join(capfd.readouterr())
+    assert not unfinished.exists()
     tags = client.get_run(res.mlflow_run_id).data.tags
     assert tags["vaegan.resumed_from"].startswith("step 2 (checkpoint_")
     assert f"{newest.name}: model.pt has 1000 bytes" in tags["vaegan.skipped_checkpoints"]

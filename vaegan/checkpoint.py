@@ -79,14 +79,18 @@ def save_checkpoint(path: str | Path, model: VAEGAN, cfg: Config, state: TrainSt
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model_folder(tmp, model, cfg)
-    state.version = __version__
-    (tmp / STATE).write_text(json.dumps(asdict(state), indent=2))
-    if model_written is not None:
-        model_written(tmp)
-    if trainer_state is not None:
-        save_tensors({**trainer_state, "torch_rng": torch.get_rng_state()}, tmp / TRAINER)
-    write_manifest(tmp, state.step)
+    try:
+        save_model_folder(tmp, model, cfg)
+        state.version = __version__
+        (tmp / STATE).write_text(json.dumps(asdict(state), indent=2))
+        if model_written is not None:
+            model_written(tmp)
+        if trainer_state is not None:
+            save_tensors({**trainer_state, "torch_rng": torch.get_rng_state()}, tmp / TRAINER)
+        write_manifest(tmp, state.step)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no half-written folder behind
+        raise
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
     return path

@@ -291,7 +291,11 @@ def _checkpoint_folders() -> tuple[Any, list[str]]:
     infos = fs.get_file_info(pyarrow.fs.FileSelector(storage.experiment_fs_path, allow_not_found=True))
     names = [i.path for i in infos
              if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_")]
-    return fs, sorted(names, reverse=True)
+    for torn in [n for n in names if n.endswith(".tmp")]:
+        # a checkpoint written in place whose writer died before its rename: never reported
+        say(f"[vaegan] removing the unfinished checkpoint {torn}")
+        fs.delete_dir(torn)
+    return fs, sorted((n for n in names if not n.endswith(".tmp")), reverse=True)
 
 
 def load_checkpoint_into(model: VAEGAN, device: torch.device, path: str,
@@ -693,27 +697,40 @@ def _report_checkpoint(w: Worker, metrics: dict | None, last: bool, register: bo
     one rank 0 logs the final model and registers it, unless `register` is off (a sweep's
     trials: the sweep registers only its best trial). `again`: the final checkpoint once more,
     after a restart that may have come after its registration."""
+    import pyarrow.fs
     import ray.train
 
     metrics = metrics or {}
     if w.rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
-    tmp = Path(tempfile.mkdtemp(prefix="vaegan-ckpt-"))
+    storage = ray.train.get_context().get_storage()
+    fs, name = storage.storage_filesystem, storage.make_default_checkpoint_dir_name()
+    # A folder storage gets the checkpoint written in place (atomically, by its rename): Ray's
+    # copy of it from a temp folder was 0.6 s and 580 MB more written at celeba64. S3 gets
+    # the temp folder uploaded.
+    direct = isinstance(fs, pyarrow.fs.LocalFileSystem)
+    tmp = None if direct else Path(tempfile.mkdtemp(prefix="vaegan-ckpt-"))
     try:
         trainer_state = w.step.state_dict()
         if w.ema is not None:
             trainer_state[LIVE] = {"encoder": w.model.encoder.state_dict(),
                                    "decoder": w.model.decoder.state_dict(), "updates": w.ema.updates}
         # The final model's logging (2 s at celeba64: MLflow's check of the model, the upload)
-        # starts once its files are written, beside the optimizer states' write and Ray's copy.
+        # starts once its files are written, beside the optimizer states' write (and S3's upload).
         # Not `again`, when this step's model may be registered already (checked below).
         early = last and register and not again
         path = save_checkpoint(
-            tmp / f"step-{w.state.step:07d}", w.served, w.cfg, w.state, trainer_state,
+            Path(storage.build_checkpoint_path_from_name(name)) if direct else tmp / name,
+            w.served, w.cfg, w.state, trainer_state,
             model_written=(lambda f: w.logger.start_final_model(f, w.state.step, metrics)) if early else None)
-        ray.train.report({**metrics, "step": w.state.step, "last": float(last)},
-                         checkpoint=ray.train.Checkpoint.from_directory(str(path)))
+        ray.train.report(
+            {**metrics, "step": w.state.step, "last": float(last)},
+            checkpoint=ray.train.Checkpoint(str(path), filesystem=fs) if direct
+            else ray.train.Checkpoint.from_directory(str(path)),
+            checkpoint_dir_name=name,
+            checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD if direct
+            else ray.train.CheckpointUploadMode.SYNC)
         # MLflow keeps the final model and the best checkpoint by tracking.best_metric; the
         # final one is logged (and registered) once per run and step
         final = last and register and not _registered_at_this_step(w)
@@ -728,7 +745,8 @@ def _report_checkpoint(w: Worker, metrics: dict | None, last: bool, register: bo
                                  tags={STEP_TAG: str(w.state.step)})
             say(f"[vaegan] registered {uri}")
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _registered_at_this_step(w: Worker) -> list:
