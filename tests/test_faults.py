@@ -14,6 +14,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from mlflow.entities import LoggedModelStatus
 
 from vaegan.checkpoint import (
     LIVE,
@@ -224,6 +225,13 @@ def test_sigkilled_workers_lose_nothing_and_register_once(tmp_path, mnist_shards
         assert metric_steps(client, res.mlflow_run_id, key) == [2, 4, 6], key  # each step once
     versions = client.search_model_versions("name='faults-killed'")
     assert [(v.run_id, v.tags.get(STEP_TAG)) for v in versions] == [(res.mlflow_run_id, "6")]
+    # rank 0 died while or after the final model was logged beside its checkpoint: the restart
+    # registered that one or logged it anew, never a second whole copy
+    finals = [m for m in client.search_logged_models([run.info.experiment_id],
+                                                     filter_string=f"source_run_id = '{res.mlflow_run_id}'")
+              if m.name == "model"]
+    assert [(m.tags.get(STEP_TAG), m.status) for m in finals] == [("6", LoggedModelStatus.READY)]
+    assert finals[0].model_id in versions[0].source
 
 
 # ---------------------------------------------------------------------------------------

@@ -110,7 +110,14 @@ def live_models(client, run_id: str) -> list:
 
 @pytest.mark.slow
 def test_a_run_keeps_one_best_model_and_deletes_the_one_it_replaces(tracking, checkpoint):
-    from vaegan.tracking import BEST_TAG, BEST_VALUE_TAG, MlflowLogger, start_or_resume_run
+    from vaegan.tracking import (
+        BEST_TAG,
+        BEST_VALUE_TAG,
+        STEP_TAG,
+        MlflowLogger,
+        logged_final_model,
+        start_or_resume_run,
+    )
 
     client = mlflow.MlflowClient(tracking)
     run_id = start_or_resume_run(tracking, "test-serving", f"best-{os.getpid()}-{id(checkpoint)}", {})
@@ -149,6 +156,11 @@ def test_a_run_keeps_one_best_model_and_deletes_the_one_it_replaces(tracking, ch
     bests = [mm for mm in live if mm.tags.get(BEST_TAG) == m]
     assert [mm.name for mm in bests] == ["model"] and float(bests[0].tags[BEST_VALUE_TAG]) == 2.0
     assert sorted(mm.name for mm in live) == ["model", "model"]  # no best copy left, finals kept
+    # a run restarted before registering finds the final model it logged, by step (not a "best")
+    finals = {mm.tags[STEP_TAG]: f"models:/{mm.model_id}" for mm in live}
+    assert sorted(finals) == ["50", "70"]
+    found = [logged_final_model(client, run_id, step) for step in (50, 70, 40, 60)]
+    assert found == [finals["50"], finals["70"], None, None]
 
 
 # ---------------------------------------------------------------------------------------

@@ -179,6 +179,12 @@ def start_run_by_id(run_id: str):
     return mlflow.start_run(run_id=run_id)
 
 
+STEP_TAG = "vaegan.step"
+"""On a logged model and a registered version: the training step of its weights."""
+FINAL_MODEL = "model"
+"""The name of a run's final model among its logged models."""
+
+
 def log_model_files(files: dict[str, str | Path], name: str, step: int | None = None):
     """Log a model folder's files ({"weights", "config", "state"?, "attributes"?}) as a pyfunc
     model of the active run (MLflow 3: its own LoggedModel, linked to the run and `step`).
@@ -192,7 +198,7 @@ def log_model_files(files: dict[str, str | Path], name: str, step: int | None = 
     from vaegan.pyfunc import MODEL_CODE, input_example, pip_requirements, signature
 
     model = load_files(files)  # refuse files that do not load, before logging anything
-    kwargs = {"step": step} if step is not None else {}
+    kwargs = {"step": step, "tags": {STEP_TAG: str(step)}} if step is not None else {}
     # validating the input example downloads the model: no progress bar per file in the console
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     return mlflow.pyfunc.log_model(
@@ -200,6 +206,27 @@ def log_model_files(files: dict[str, str | Path], name: str, step: int | None = 
         signature=signature(), input_example=input_example(model), pip_requirements=pip_requirements(),
         # The package travels with the model, so a serving environment needs no vaegan install.
         code_paths=[str(Path(__file__).parent)], **kwargs)
+
+
+def logged_final_model(client, run_id: str, step: int) -> str | None:
+    """The URI of this run's final model already logged whole ("model", READY) from the
+    weights of `step`, else None: a run restarted between that logging and the registration
+    registers this one instead of logging a second copy. One whose logging the restart cut
+    short (not READY) is deleted."""
+    from mlflow.entities import LoggedModelStatus
+
+    experiment_id = client.get_run(run_id).info.experiment_id
+    found = [m for m in client.search_logged_models(
+        [experiment_id], filter_string=f"source_run_id = '{run_id}' AND tags.`{STEP_TAG}` = '{step}'")
+        if m.name == FINAL_MODEL]
+    for m in found:
+        if m.status != LoggedModelStatus.READY:
+            try:
+                delete_logged_model(client, m)
+            except Exception:  # best effort: a leftover must not keep the model from registering
+                pass
+    ready = [m for m in found if m.status == LoggedModelStatus.READY]
+    return f"models:/{ready[0].model_id}" if ready else None
 
 
 def log_folder_model(folder: str | Path, name: str, step: int | None = None):
@@ -255,11 +282,8 @@ def settle_best(client, run_id: str, model_uri: str, metric: str, value: float,
 
 def drop_logged_model(client, run_id: str, model) -> None:
     """A best model that is no longer the best: deleted with its artifacts if it is a `best`
-    copy that no model version points at (MLflow's delete only marks it deleted; its files
-    would stay until `mlflow gc`); otherwise (the final model, a registered one) it only loses
-    the best tags."""
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
+    copy that no model version points at; otherwise (the final model, a registered one) it only
+    loses the best tags."""
     registered = any(getattr(v, "model_id", None) == model.model_id
                      for v in client.search_model_versions(f"run_id = '{run_id}'"))
     if model.name != BEST_MODEL or registered:
@@ -267,6 +291,14 @@ def drop_logged_model(client, run_id: str, model) -> None:
             if key in model.tags:
                 client.delete_logged_model_tag(model.model_id, key)
         return
+    delete_logged_model(client, model)
+
+
+def delete_logged_model(client, model) -> None:
+    """A logged model and its files (MLflow's delete alone only marks it deleted; its files
+    would stay until `mlflow gc`)."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
     client.delete_logged_model(model.model_id)
     get_artifact_repository(model.artifact_location, tracking_uri=client.tracking_uri).delete_artifacts()
 
@@ -482,8 +514,8 @@ class MlflowLogger(NullLogger):
         `log_final_model` of the same step waits. When its `metrics` beat the run's best it is
         also the run's best (tagged; the `best` copy it replaces is deleted)."""
         value = self._best_candidate(metrics)
-        folder = self._spool_model(path, "model", required=True)
-        self._final = _Item("model", step, (folder, "model"), "final model", done=threading.Event())
+        folder = self._spool_model(path, FINAL_MODEL, required=True)
+        self._final = _Item("model", step, (folder, FINAL_MODEL), "final model", done=threading.Event())
         if value is None:
             self._put(self._final)
         else:

@@ -49,6 +49,7 @@ from vaegan.images import grid_image
 from vaegan.losses import StepMetrics
 from vaegan.model import VAEGAN
 from vaegan.step import NonFiniteLossError
+from vaegan.tracking import STEP_TAG
 
 if TYPE_CHECKING:
     from vaegan.cluster import Storage
@@ -62,7 +63,6 @@ FAULT_ENV = "VAEGAN_FAULT_AT_STEP"
 KILL_ENV = "VAEGAN_FAULT_KILL"
 # "RANK:STEP:MARKER[,...]": that rank trains step STEP on an all-NaN batch, once (divergence).
 NAN_ENV = "VAEGAN_FAULT_NAN"
-STEP_TAG = "vaegan.step"  # on a registered version: the training step of its weights
 RAY_INDEX = "checkpoint_manager_snapshot.json"  # Ray Train's list of a run's checkpoints
 NODE_TAG = "vaegan.node"  # MLflow run tags vaegan.node.rankR: the Ray node each rank ran on
 
@@ -294,7 +294,10 @@ def _checkpoint_folders() -> tuple[Any, list[str]]:
     for torn in [n for n in names if n.endswith(".tmp")]:
         # a checkpoint written in place whose writer died before its rename: never reported
         say(f"[vaegan] removing the unfinished checkpoint {torn}")
-        fs.delete_dir(torn)
+        try:
+            fs.delete_dir(torn)
+        except OSError as e:  # an NFS leftover, say: it is skipped all the same
+            say(f"[vaegan] warning: could not remove {torn}: {e}")
     return fs, sorted((n for n in names if not n.endswith(".tmp")), reverse=True)
 
 
@@ -699,6 +702,7 @@ def _report_checkpoint(w: Worker, metrics: dict | None, last: bool, register: bo
     after a restart that may have come after its registration."""
     import pyarrow.fs
     import ray.train
+    from ray.train.v2._internal.constants import VALIDATE_STORAGE_MARKER_FILENAME
 
     metrics = metrics or {}
     if w.rank != 0:
@@ -708,8 +712,13 @@ def _report_checkpoint(w: Worker, metrics: dict | None, last: bool, register: bo
     fs, name = storage.storage_filesystem, storage.make_default_checkpoint_dir_name()
     # A folder storage gets the checkpoint written in place (atomically, by its rename): Ray's
     # copy of it from a temp folder was 0.6 s and 580 MB more written at celeba64. S3 gets
-    # the temp folder uploaded.
-    direct = isinstance(fs, pyarrow.fs.LocalFileSystem)
+    # the temp folder uploaded, and so does a node that does not see the run's folder (Ray's
+    # marker missing: a node without the shared mount), where Ray's upload then says so.
+    direct = isinstance(fs, pyarrow.fs.LocalFileSystem) and (
+        Path(storage.experiment_fs_path) / VALIDATE_STORAGE_MARKER_FILENAME).is_file()
+    # MLflow keeps the final model and the best checkpoint by tracking.best_metric; the
+    # final one is logged (and registered) once per run and step
+    final = last and register and not _registered_at_this_step(w)
     tmp = None if direct else Path(tempfile.mkdtemp(prefix="vaegan-ckpt-"))
     try:
         trainer_state = w.step.state_dict()
@@ -718,12 +727,11 @@ def _report_checkpoint(w: Worker, metrics: dict | None, last: bool, register: bo
                                    "decoder": w.model.decoder.state_dict(), "updates": w.ema.updates}
         # The final model's logging (2 s at celeba64: MLflow's check of the model, the upload)
         # starts once its files are written, beside the optimizer states' write (and S3's upload).
-        # Not `again`, when this step's model may be registered already (checked below).
-        early = last and register and not again
+        # Not `again`: a restarted run may have logged this step's model already (looked up below).
         path = save_checkpoint(
             Path(storage.build_checkpoint_path_from_name(name)) if direct else tmp / name,
             w.served, w.cfg, w.state, trainer_state,
-            model_written=(lambda f: w.logger.start_final_model(f, w.state.step, metrics)) if early else None)
+            model_written=(lambda f: _start_final_model(w, f, metrics)) if final and not again else None)
         ray.train.report(
             {**metrics, "step": w.state.step, "last": float(last)},
             checkpoint=ray.train.Checkpoint(str(path), filesystem=fs) if direct
@@ -731,15 +739,15 @@ def _report_checkpoint(w: Worker, metrics: dict | None, last: bool, register: bo
             checkpoint_dir_name=name,
             checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD if direct
             else ray.train.CheckpointUploadMode.SYNC)
-        # MLflow keeps the final model and the best checkpoint by tracking.best_metric; the
-        # final one is logged (and registered) once per run and step
-        final = last and register and not _registered_at_this_step(w)
         w.logger.log_checkpoint(path, w.state.step, metrics, final=final)
         _maybe_kill(w)  # fault drills: a death between the final checkpoint and the registration
         if final:
             from vaegan.registry import register as register_model
 
-            uri = register_model(w.logger.log_final_model(path, w.state.step, metrics),
+            logged = _logged_final_model(w) if again else None
+            if logged:
+                say(f"[vaegan] the final model was logged before the restart: {logged}")
+            uri = register_model(logged or w.logger.log_final_model(path, w.state.step, metrics),
                                  w.cfg.tracking.model_name,
                                  retry_seconds=w.logger.grace_left(),  # MLflow may be restarting
                                  tags={STEP_TAG: str(w.state.step)})
@@ -747,6 +755,27 @@ def _report_checkpoint(w: Worker, metrics: dict | None, last: bool, register: bo
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _start_final_model(w: Worker, folder: Path, metrics: dict) -> None:
+    """`save_checkpoint`'s hand-over of the final model's files to the MLflow sender. A failure
+    here (a full spool disk) must not cost the checkpoint: the model is then logged after it."""
+    try:
+        w.logger.start_final_model(folder, w.state.step, metrics)
+    except Exception as e:
+        say(f"[vaegan] warning: could not start logging the final model beside its checkpoint "
+            f"({type(e).__name__}: {e}); logging it after the checkpoint")
+
+
+def _logged_final_model(w: Worker) -> str | None:
+    """This run's final model at this step, if a run before the restart logged it whole."""
+    import mlflow
+
+    from vaegan.tracking import logged_final_model, retry
+
+    return retry(lambda: logged_final_model(mlflow.MlflowClient(w.tracking_uri), w.state.mlflow_run_id,
+                                            w.state.step),
+                 seconds=w.logger.grace_left(), what="looking up this run's final model", uri=w.tracking_uri)
 
 
 def _registered_at_this_step(w: Worker) -> list:
