@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -25,6 +28,7 @@ from vaegan.checkpoint import (
     load_checkpoint,
     non_finite_tensors,
     save_checkpoint,
+    scratch_dir,
 )
 from vaegan.cluster import LEASE, RunLease, RunLeaseError, storage_for
 from vaegan.config import load_config
@@ -108,6 +112,24 @@ def test_a_failed_checkpoint_write_leaves_no_folder_behind(tmp_path, debug_cfg):
         save_checkpoint(tmp_path / "ckpt", model, debug_cfg, TrainState(step=3), {"opt": torch.ones(5)},
                         model_written=disk_full)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_scratch_folder_clears_those_a_killed_process_left(tmp_path, monkeypatch):
+    """Checkpoints on S3 go through a temp folder and MLflow's models through a spool: a
+    SIGKILLed worker leaves both behind (580 and 200 MB at celeba64), the next one removes
+    them; a live process's stay."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    left = tmp_path / f"vaegan-ckpt-{gone.pid}-abc"
+    (left / "step").mkdir(parents=True)
+    live = tmp_path / f"vaegan-ckpt-{os.getppid()}-def"
+    other = tmp_path / f"vaegan-mlflow-spool-{gone.pid}-ghi"  # another prefix: not this call's
+    live.mkdir()
+    other.mkdir()
+    new = scratch_dir("vaegan-ckpt-")
+    assert new.name.startswith(f"vaegan-ckpt-{os.getpid()}-") and new.is_dir()
+    assert not left.exists() and live.exists() and other.exists()
 
 
 def test_a_checkpoint_keeps_dis_attribute_head(tmp_path, debug_cfg):

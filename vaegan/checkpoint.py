@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -58,6 +60,30 @@ class TrainState:
     by it, also after a restart."""
     trained_seconds: float = 0.0
     """Wall-clock seconds of the training loop up to `step`, over restarts (train.minutes)."""
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A new folder PREFIX<pid>-XXXX in the system's temp folder for this process, after
+    removing those of the same prefix whose process is gone: a worker killed by SIGKILL (an OOM
+    kill, a lost node's restart, Ray's) cleans nothing up, and at celeba64 a checkpoint's temp
+    folder holds 580 MB, a spooled model 200 MB. The temp folder is this host's, so a process
+    id names its owner."""
+    parent = Path(tempfile.gettempdir())
+    for old in parent.glob(f"{prefix}*-*"):
+        pid = old.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: alive
+        pass
+    return True
 
 
 def save_checkpoint(path: str | Path, model: VAEGAN, cfg: Config, state: TrainState,

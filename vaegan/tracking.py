@@ -12,7 +12,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -386,6 +385,8 @@ class MlflowLogger(NullLogger):
         quick_http_requests(opts.request_timeout_seconds)
         import mlflow
 
+        from vaegan.checkpoint import scratch_dir
+
         mlflow.set_tracking_uri(uri)  # log_model (fluent) resolves the server from it
         self.client = mlflow.MlflowClient(uri)
         self.uri, self.run_id, self.log_checkpoints = uri, run_id, log_checkpoints
@@ -393,7 +394,7 @@ class MlflowLogger(NullLogger):
         self.grace_seconds = opts.outage_grace_seconds
         self.best_metric, self.best_mode, self.best_value = opts.best_metric, opts.best_mode, None
         self.max_metrics, self.max_spool = opts.max_pending_metrics, opts.max_spool_mb * 2**20
-        self.spool = Path(tempfile.mkdtemp(prefix="vaegan-mlflow-spool-"))
+        self.spool = scratch_dir("vaegan-mlflow-spool-")
         self.lost: dict[str, list[str]] = {}  # kind -> what never reached MLflow
         self.lost_reasons: set[str] = set()
         self._items: deque[_Item] = deque()

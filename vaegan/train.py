@@ -22,7 +22,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -41,6 +40,7 @@ from vaegan.checkpoint import (
     non_finite_tensors,
     read_state,
     save_checkpoint,
+    scratch_dir,
 )
 from vaegan.config import Config, ConfigError, config_from_dict, redact_text
 from vaegan.ema import EMA
@@ -719,7 +719,7 @@ def _report_checkpoint(w: Worker, metrics: dict | None, last: bool, register: bo
     # MLflow keeps the final model and the best checkpoint by tracking.best_metric; the
     # final one is logged (and registered) once per run and step
     final = last and register and not _registered_at_this_step(w)
-    tmp = None if direct else Path(tempfile.mkdtemp(prefix="vaegan-ckpt-"))
+    tmp = None if direct else scratch_dir("vaegan-ckpt-")
     try:
         trainer_state = w.step.state_dict()
         if w.ema is not None:
