@@ -62,6 +62,10 @@ class TrainState:
     """Wall-clock seconds of the training loop up to `step`, over restarts (train.minutes)."""
 
 
+UNFINISHED = ".tmp"
+"""The suffix of a checkpoint folder being written (renamed without it when whole)."""
+
+
 def scratch_dir(prefix: str) -> Path:
     """A new folder PREFIX<pid>-XXXX in the system's temp folder for this process, after
     removing those of the same prefix whose process is gone: a worker killed by SIGKILL (an OOM
@@ -103,7 +107,7 @@ def save_checkpoint(path: str | Path, model: VAEGAN, cfg: Config, state: TrainSt
         raise CheckpointError(f"not writing the checkpoint of step {state.step}: non-finite values in "
                               f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(path.name + UNFINISHED)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         save_model_folder(tmp, model, cfg)

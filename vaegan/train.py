@@ -34,6 +34,7 @@ import torch
 from vaegan.artifact import WEIGHTS
 from vaegan.checkpoint import (
     LIVE,
+    UNFINISHED,
     TrainState,
     check_complete,
     load_trainer_state,
@@ -282,7 +283,8 @@ def newest_complete_checkpoint(rank: int) -> tuple[str | None, list[str]]:
 
 def _checkpoint_folders() -> tuple[Any, list[str]]:
     """(the storage filesystem, this run's checkpoint folders newest first): Ray names them
-    checkpoint_<timestamp>, so the names sort in time."""
+    checkpoint_<timestamp>, so the names sort in time. Called as a run (re)starts, when no
+    checkpoint is being written: unfinished ones left by a killed writer are removed."""
     import pyarrow.fs
     import ray.train
 
@@ -291,14 +293,14 @@ def _checkpoint_folders() -> tuple[Any, list[str]]:
     infos = fs.get_file_info(pyarrow.fs.FileSelector(storage.experiment_fs_path, allow_not_found=True))
     names = [i.path for i in infos
              if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_")]
-    for torn in [n for n in names if n.endswith(".tmp")]:
+    for torn in [n for n in names if n.endswith(UNFINISHED)]:
         # a checkpoint written in place whose writer died before its rename: never reported
         say(f"[vaegan] removing the unfinished checkpoint {torn}")
         try:
             fs.delete_dir(torn)
         except OSError as e:  # an NFS leftover, say: it is skipped all the same
             say(f"[vaegan] warning: could not remove {torn}: {e}")
-    return fs, sorted((n for n in names if not n.endswith(".tmp")), reverse=True)
+    return fs, sorted((n for n in names if not n.endswith(UNFINISHED)), reverse=True)
 
 
 def load_checkpoint_into(model: VAEGAN, device: torch.device, path: str,
@@ -732,13 +734,10 @@ def _report_checkpoint(w: Worker, metrics: dict | None, last: bool, register: bo
             Path(storage.build_checkpoint_path_from_name(name)) if direct else tmp / name,
             w.served, w.cfg, w.state, trainer_state,
             model_written=(lambda f: _start_final_model(w, f, metrics)) if final and not again else None)
-        ray.train.report(
-            {**metrics, "step": w.state.step, "last": float(last)},
-            checkpoint=ray.train.Checkpoint(str(path), filesystem=fs) if direct
-            else ray.train.Checkpoint.from_directory(str(path)),
-            checkpoint_dir_name=name,
-            checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD if direct
-            else ray.train.CheckpointUploadMode.SYNC)
+        checkpoint = ray.train.Checkpoint(str(path), fs if direct else pyarrow.fs.LocalFileSystem())
+        mode = ray.train.CheckpointUploadMode.NO_UPLOAD if direct else ray.train.CheckpointUploadMode.SYNC
+        ray.train.report({**metrics, "step": w.state.step, "last": float(last)}, checkpoint=checkpoint,
+                         checkpoint_dir_name=name, checkpoint_upload_mode=mode)
         w.logger.log_checkpoint(path, w.state.step, metrics, final=final)
         _maybe_kill(w)  # fault drills: a death between the final checkpoint and the registration
         if final:
