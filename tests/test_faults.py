@@ -367,10 +367,16 @@ def test_resume_skips_a_torn_checkpoint_and_sets_aside_an_unreadable_ray_index(
 
     index = tmp_path / "runs" / "torn" / RAY_INDEX
     index.write_text(index.read_text()[:40])  # a crash mid-write of Ray's own index
+    before = checkpoints(tmp_path, "torn")  # steps 4 (torn), 4 and 6: Ray's retention took step 2
+    assert len(before) == 3
     capfd.readouterr()
     res = train(8)  # before: CheckpointManagerInitializationError at every start
     assert res.step == 8
-    err = capfd.readouterr().err
+    out, err = capfd.readouterr()
     assert f"Ray's checkpoint index {tmp_path / 'runs' / 'torn'}/{RAY_INDEX} is unreadable" in err
     assert list(index.parent.glob(f"{RAY_INDEX}.unreadable-*"))
     assert client.get_run(res.mlflow_run_id).data.tags["vaegan.resumed_from"].startswith("step 6 (")
+    # Ray's new index holds step 8 alone, and would never delete the three from before it: the
+    # oldest goes once keep_checkpoints (3) newer ones exist, as Ray does with those it holds
+    assert f"removing the checkpoint {before[0]}: Ray's index does not hold it" in out + err
+    assert checkpoints(tmp_path, "torn") == [*before[1:], checkpoints(tmp_path, "torn")[-1]]

@@ -21,6 +21,7 @@ from vaegan.tune import (
     TuneError,
     check_options,
     forwards,
+    remove_torn_checkpoints,
     reportable_metrics,
     search_spec,
     sweep,
@@ -154,6 +155,40 @@ def test_cli_prints_one_line_and_exits_2(capsys):
     assert code == 2
     assert err.startswith("vaegan: error: --gamma-min 1 .. --gamma-max 0.01: the range is inverted")
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("where", ["folder", pytest.param("s3", marks=pytest.mark.slow)])
+def test_a_finished_sweep_removes_the_checkpoints_its_stopped_trials_left_unfinished(
+        where, tmp_path, request, capsys):
+    """A trial that ASHA stopped mid-write keeps a .tmp folder (written in place) or a folder
+    without a manifest (an S3 upload cut short); whole checkpoints and other files stay."""
+    import s3fs
+
+    from vaegan.cluster import storage_for
+
+    root = request.getfixturevalue("s3_bucket") if where == "s3" else tmp_path
+    url = f"{root}/sw-trials"
+    files = s3fs.S3FileSystem() if where == "s3" else None
+    tree = {"sw-a/checkpoint_1/manifest.json": "{}", "sw-a/checkpoint_1/model.pt": "w",
+            "sw-a/checkpoint_2.tmp/model.pt": "w",  # killed before its rename
+            "sw-b/checkpoint_3/model.pt": "w",  # upload cut short before the manifest
+            "sw-b/checkpoint_manager_snapshot.json": "{}", "sw-b/notes/model.pt": "w"}
+    for name, text in tree.items():
+        if files:
+            files.pipe(f"{url}/{name}", text.encode())
+        else:
+            (tmp_path / "sw-trials" / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / "sw-trials" / name).write_text(text)
+    remove_torn_checkpoints(storage_for(url))
+    if files:
+        files.invalidate_cache()
+        left = sorted(f.removeprefix(url.removeprefix("s3://") + "/") for f in files.find(url))
+    else:
+        left = sorted(str(p.relative_to(tmp_path / "sw-trials")) for p in (tmp_path / "sw-trials").rglob("*")
+                      if p.is_file())
+    assert left == ["sw-a/checkpoint_1/manifest.json", "sw-a/checkpoint_1/model.pt",
+                    "sw-b/checkpoint_manager_snapshot.json", "sw-b/notes/model.pt"]
+    assert capsys.readouterr().out.count("removing the unfinished checkpoint") == 2
 
 
 # ---------------------------------------------------------------------------------------

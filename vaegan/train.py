@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -153,6 +153,7 @@ class Worker:
     nans: list = field(default_factory=list)
     ema: EMA | None = None  # rank 0 with train.ema: the averaged encoder and decoder
     fit_images: torch.Tensor | None = None  # rank 0 with model.latent_mixture: what it is fitted to
+    unrecorded: _UnrecordedCheckpoints | None = None  # rank 0: folders from before the start
 
     @property
     def served(self) -> VAEGAN:
@@ -205,7 +206,7 @@ def set_up(config: dict) -> Worker:
     model = VAEGAN(cfg.model).to(device, memory_format=memory_format)
     state, trainer_state = TrainState(mlflow_run_id=config["mlflow_run_id"]), None
     ema = EMA(model, cfg.train.ema) if cfg.train.ema and rank == 0 else None
-    found, skipped = newest_complete_checkpoint(rank)
+    found, skipped, folders = newest_complete_checkpoint(rank)
     if found:
         state, trainer_state = load_checkpoint_into(model, device, found, ema)
         if out_of_time(cfg.train, state):  # the budget ran out at the final checkpoint
@@ -232,7 +233,8 @@ def set_up(config: dict) -> Worker:
     w = Worker(cfg, rank, world, device, memory_format, model, step, state, logger, guard=guard,
                initial_trainer=initial_trainer, base_lr=base_lr, tracking_uri=config["tracking_uri"],
                kills=_faults(config.get("faults", {}).get(KILL_ENV, ""), rank),
-               nans=_faults(config.get("faults", {}).get(NAN_ENV, ""), rank), ema=ema)
+               nans=_faults(config.get("faults", {}).get(NAN_ENV, ""), rank), ema=ema,
+               unrecorded=_UnrecordedCheckpoints(folders))
     if rank == 0:
         w.logged_through = _last_logged_step(w.tracking_uri, state.mlflow_run_id)
         from vaegan.data import read_split
@@ -256,16 +258,17 @@ def set_up(config: dict) -> Worker:
     return w
 
 
-def newest_complete_checkpoint(rank: int) -> tuple[str | None, list[str]]:
-    """The newest complete checkpoint folder of this run in its storage (None: none), and the
-    newer incomplete ones skipped, each with what is wrong. Rank 0 looks, with a warning line
-    per skipped folder; every rank gets its answer (all must load the same one).
+def newest_complete_checkpoint(rank: int) -> tuple[str | None, list[str], list[str]]:
+    """The newest complete checkpoint folder of this run in its storage (None: none), the
+    newer incomplete ones skipped, each with what is wrong, and (rank 0; [] elsewhere) all the
+    run's checkpoint folders, newest first. Rank 0 looks, with a warning line per skipped
+    folder; every rank gets its answer (all must load the same one).
 
     Not Ray's `get_checkpoint()`: that is the last one reported, complete or not (a torn
     model.pt crash-looped every restart), and None when Ray's index was set aside."""
     from vaegan import distributed
 
-    found, skipped = None, []
+    found, skipped, folders = None, [], []
     if rank == 0:
         import ray.train
 
@@ -278,7 +281,7 @@ def newest_complete_checkpoint(rank: int) -> tuple[str | None, list[str]]:
                 break
             skipped.append(f"{Path(path).name}: {problem}")
             say(f"[vaegan] warning: skipping incomplete checkpoint {path}: {problem}")
-    return distributed.gather((found, skipped))[0]
+    return (*distributed.gather((found, skipped))[0], folders)
 
 
 def _checkpoint_folders() -> tuple[Any, list[str]]:
@@ -301,6 +304,47 @@ def _checkpoint_folders() -> tuple[Any, list[str]]:
         except OSError as e:  # an NFS leftover, say: it is skipped all the same
             say(f"[vaegan] warning: could not remove {torn}: {e}")
     return fs, sorted((n for n in names if not n.endswith(UNFINISHED)), reverse=True)
+
+
+class _UnrecordedCheckpoints:
+    """Rank 0: the run's checkpoint folders found at the start, some of which Ray's index may
+    not hold. Ray deletes the checkpoints it recorded beyond train.keep_checkpoints, never a
+    folder it did not record: one written in place by a rank 0 killed before Ray's controller
+    took its report, an S3 upload cut short, all of them after the index was set aside. Each
+    such folder is deleted as Ray would have, once keep_checkpoints newer ones exist."""
+
+    def __init__(self, folders: list[str]):  # newest first
+        self.left = [(path, newer) for newer, path in enumerate(folders)]  # (folder, newer ones then)
+        self.written = 0  # checkpoints written since the start: newer than all of those
+        self.looked_up = False
+
+    def after_checkpoint(self, fs: Any, keep: int) -> None:
+        """Called by rank 0 after each checkpoint's report. Ray's index is read once, at the
+        first (0.2 s at most: its controller's poll), and only where folders were found."""
+        self.written += 1
+        if not self.left:
+            return
+        if not self.looked_up:
+            import ray.train
+
+            self.looked_up = True
+            try:
+                recorded = {PurePosixPath(c.checkpoint.path).name
+                            for c in ray.train.get_all_reported_checkpoints(timeout_s=60)}
+            except Exception as e:  # an alpha API: leave the folders rather than fail the run
+                say(f"[vaegan] warning: could not read Ray's checkpoint index ({type(e).__name__}: {e}); "
+                    "checkpoints it may not hold are kept")
+                self.left = []
+                return
+            self.left = [(p, newer) for p, newer in self.left if PurePosixPath(p).name not in recorded]
+        for path, newer in [(p, newer) for p, newer in self.left if newer + self.written >= keep]:
+            self.left.remove((path, newer))
+            say(f"[vaegan] removing the checkpoint {path}: Ray's index does not hold it, and "
+                f"train.keep_checkpoints={keep} newer ones exist")
+            try:
+                fs.delete_dir(path)
+            except OSError as e:
+                say(f"[vaegan] warning: could not remove {path}: {e}")
 
 
 def load_checkpoint_into(model: VAEGAN, device: torch.device, path: str,
@@ -503,7 +547,7 @@ def roll_back(w: Worker, progress: Progress, err: Divergence) -> None:
         raise TrainError(f"training diverged at step {at} ({err}) after {old.rollbacks} rollback(s), and "
                          f"train.max_rollbacks={T.max_rollbacks}: lower optim.lr (now {w.cfg.optim.lr:g}) or "
                          "loss.gamma, or allow more rollbacks")
-    found, _ = newest_complete_checkpoint(w.rank)
+    found, _, _ = newest_complete_checkpoint(w.rank)
     if found:
         state, trainer_state = load_checkpoint_into(w.model, w.device, found, w.ema)
     else:  # diverged before the first checkpoint: start over from the initial weights
@@ -738,6 +782,7 @@ def _report_checkpoint(w: Worker, metrics: dict | None, last: bool, register: bo
         mode = ray.train.CheckpointUploadMode.NO_UPLOAD if direct else ray.train.CheckpointUploadMode.SYNC
         ray.train.report({**metrics, "step": w.state.step, "last": float(last)}, checkpoint=checkpoint,
                          checkpoint_dir_name=name, checkpoint_upload_mode=mode)
+        w.unrecorded.after_checkpoint(fs, w.cfg.train.keep_checkpoints)
         w.logger.log_checkpoint(path, w.state.step, metrics, final=final)
         _maybe_kill(w)  # fault drills: a death between the final checkpoint and the registration
         if final:
