@@ -21,7 +21,6 @@ from vaegan.tune import (
     TuneError,
     check_options,
     forwards,
-    remove_torn_checkpoints,
     reportable_metrics,
     search_spec,
     sweep,
@@ -158,37 +157,44 @@ def test_cli_prints_one_line_and_exits_2(capsys):
 
 
 @pytest.mark.parametrize("where", ["folder", pytest.param("s3", marks=pytest.mark.slow)])
-def test_a_finished_sweep_removes_the_checkpoints_its_stopped_trials_left_unfinished(
-        where, tmp_path, request, capsys):
-    """A trial that ASHA stopped mid-write keeps a .tmp folder (written in place) or a folder
-    without a manifest (an S3 upload cut short); whole checkpoints and other files stay."""
+def test_a_stopped_trial_loses_its_unfinished_checkpoints_and_keeps_the_rest(where, tmp_path, request,
+                                                                              capsys):
+    """A trial that ASHA stopped mid-write keeps a .tmp folder (written in place) or an S3
+    upload cut short (no manifest, or one listing files that are not there, as S3's parallel
+    upload leaves it). Whole checkpoints, the ones Ray's index holds and other files stay."""
     import s3fs
 
     from vaegan.cluster import storage_for
+    from vaegan.train import RAY_INDEX, remove_torn_checkpoints
 
     root = request.getfixturevalue("s3_bucket") if where == "s3" else tmp_path
-    url = f"{root}/sw-trials"
+    url = f"{root}/sw-trials/sw-a"
     files = s3fs.S3FileSystem() if where == "s3" else None
-    tree = {"sw-a/checkpoint_1/manifest.json": "{}", "sw-a/checkpoint_1/model.pt": "w",
-            "sw-a/checkpoint_2.tmp/model.pt": "w",  # killed before its rename
-            "sw-b/checkpoint_3/model.pt": "w",  # upload cut short before the manifest
-            "sw-b/checkpoint_manager_snapshot.json": "{}", "sw-b/notes/model.pt": "w"}
+    manifest = json.dumps({"step": 1, "files": {"model.pt": {"bytes": 1, "sha256": ""}}})
+    held = ("checkpoint_1", "checkpoint_5")
+    index = json.dumps({"checkpoint_results": [{"checkpoint_dir_name": n} for n in held]})
+    tree = {"checkpoint_1/manifest.json": manifest, "checkpoint_1/model.pt": "w",
+            "checkpoint_2.tmp/model.pt": "w",  # killed before its rename
+            "checkpoint_3/model.pt": "w",  # upload cut short before the manifest
+            "checkpoint_4/manifest.json": manifest, "checkpoint_4/state.json": "{}",  # before model.pt
+            "checkpoint_5/model.pt": "w",  # Ray's: not ours to judge
+            RAY_INDEX: index, "notes/model.pt": "w"}
     for name, text in tree.items():
         if files:
             files.pipe(f"{url}/{name}", text.encode())
         else:
-            (tmp_path / "sw-trials" / name).parent.mkdir(parents=True, exist_ok=True)
-            (tmp_path / "sw-trials" / name).write_text(text)
+            (tmp_path / "sw-trials" / "sw-a" / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / "sw-trials" / "sw-a" / name).write_text(text)
     remove_torn_checkpoints(storage_for(url))
     if files:
         files.invalidate_cache()
         left = sorted(f.removeprefix(url.removeprefix("s3://") + "/") for f in files.find(url))
     else:
-        left = sorted(str(p.relative_to(tmp_path / "sw-trials")) for p in (tmp_path / "sw-trials").rglob("*")
-                      if p.is_file())
-    assert left == ["sw-a/checkpoint_1/manifest.json", "sw-a/checkpoint_1/model.pt",
-                    "sw-b/checkpoint_manager_snapshot.json", "sw-b/notes/model.pt"]
-    assert capsys.readouterr().out.count("removing the unfinished checkpoint") == 2
+        left = sorted(p.relative_to(tmp_path / "sw-trials" / "sw-a").as_posix()
+                      for p in (tmp_path / "sw-trials" / "sw-a").rglob("*") if p.is_file())
+    assert left == sorted(["checkpoint_1/manifest.json", "checkpoint_1/model.pt", "checkpoint_5/model.pt",
+                           RAY_INDEX, "notes/model.pt"])
+    assert capsys.readouterr().out.count("removing the unfinished checkpoint") == 3
 
 
 # ---------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import torch
 from vaegan.artifact import WEIGHTS
 from vaegan.checkpoint import (
     LIVE,
+    MANIFEST,
     UNFINISHED,
     TrainState,
     check_complete,
@@ -153,7 +154,8 @@ class Worker:
     nans: list = field(default_factory=list)
     ema: EMA | None = None  # rank 0 with train.ema: the averaged encoder and decoder
     fit_images: torch.Tensor | None = None  # rank 0 with model.latent_mixture: what it is fitted to
-    unrecorded: _UnrecordedCheckpoints | None = None  # rank 0: folders from before the start
+    unrecorded: _UnrecordedCheckpoints = field(  # rank 0: folders Ray does not hold
+        default_factory=lambda: _UnrecordedCheckpoints([], None))
 
     @property
     def served(self) -> VAEGAN:
@@ -234,7 +236,7 @@ def set_up(config: dict) -> Worker:
                initial_trainer=initial_trainer, base_lr=base_lr, tracking_uri=config["tracking_uri"],
                kills=_faults(config.get("faults", {}).get(KILL_ENV, ""), rank),
                nans=_faults(config.get("faults", {}).get(NAN_ENV, ""), rank), ema=ema,
-               unrecorded=_UnrecordedCheckpoints(folders))
+               unrecorded=_UnrecordedCheckpoints(folders, found))
     if rank == 0:
         w.logged_through = _last_logged_step(w.tracking_uri, state.mlflow_run_id)
         from vaegan.data import read_split
@@ -307,44 +309,60 @@ def _checkpoint_folders() -> tuple[Any, list[str]]:
 
 
 class _UnrecordedCheckpoints:
-    """Rank 0: the run's checkpoint folders found at the start, some of which Ray's index may
-    not hold. Ray deletes the checkpoints it recorded beyond train.keep_checkpoints, never a
-    folder it did not record: one written in place by a rank 0 killed before Ray's controller
-    took its report, an S3 upload cut short, all of them after the index was set aside. Each
-    such folder is deleted as Ray would have, once keep_checkpoints newer ones exist."""
+    """Rank 0: the run's checkpoint folders found at the start that Ray's index does not hold.
+    Ray deletes the checkpoints it recorded beyond train.keep_checkpoints, never a folder it
+    did not record: one written in place by a rank 0 killed before Ray's controller took its
+    report, an S3 upload cut short, all of them after the index was set aside. Each such folder
+    is deleted as Ray would have, once keep_checkpoints complete ones are newer."""
 
-    def __init__(self, folders: list[str]):  # newest first
-        self.left = [(path, newer) for newer, path in enumerate(folders)]  # (folder, newer ones then)
-        self.written = 0  # checkpoints written since the start: newer than all of those
-        self.looked_up = False
-
-    def after_checkpoint(self, fs: Any, keep: int) -> None:
-        """Called by rank 0 after each checkpoint's report. Ray's index is read once, at the
-        first (0.2 s at most: its controller's poll), and only where folders were found."""
-        self.written += 1
-        if not self.left:
+    def __init__(self, folders: list[str], found: str | None):
+        """`folders`: newest first; `found`: the newest complete one (those newer are not)."""
+        self.left: list[tuple[str, int]] = []  # (folder, complete ones newer at the start)
+        self.written = 0  # checkpoints written since the start: complete, newer than all of those
+        if not folders:
             return
-        if not self.looked_up:
-            import ray.train
+        import ray.train
 
-            self.looked_up = True
-            try:
-                recorded = {PurePosixPath(c.checkpoint.path).name
-                            for c in ray.train.get_all_reported_checkpoints(timeout_s=60)}
-            except Exception as e:  # an alpha API: leave the folders rather than fail the run
-                say(f"[vaegan] warning: could not read Ray's checkpoint index ({type(e).__name__}: {e}); "
-                    "checkpoints it may not hold are kept")
-                self.left = []
-                return
-            self.left = [(p, newer) for p, newer in self.left if PurePosixPath(p).name not in recorded]
-        for path, newer in [(p, newer) for p, newer in self.left if newer + self.written >= keep]:
-            self.left.remove((path, newer))
+        self.fs = ray.train.get_context().get_storage().storage_filesystem
+        try:
+            # Read before this start's first report: the call returns at once, and Ray's
+            # retention has not yet deleted (and so dropped from the index) any folder.
+            recorded = {PurePosixPath(c.checkpoint.path).name
+                        for c in ray.train.get_all_reported_checkpoints(timeout_s=60)}
+        except Exception as e:  # an alpha API: keep the folders rather than fail the run
+            say(f"[vaegan] warning: could not read Ray's checkpoint index ({type(e).__name__}: {e}); "
+                "checkpoints it may not hold are kept")
+            return
+        if all(PurePosixPath(path).name in recorded for path in folders):
+            return
+        newer, older_than_found = 0, False  # all torn where none was found
+        for path in folders:
+            if PurePosixPath(path).name not in recorded:
+                self.left.append((path, newer))
+            older_than_found = older_than_found or path == found
+            if older_than_found and _has_manifest(self.fs, path):  # those newer than `found` are torn
+                newer += 1
+
+    def after_checkpoint(self, keep: int) -> None:
+        """Called by rank 0 after each checkpoint's report."""
+        self.written += 1
+        due = [(path, newer) for path, newer in self.left if newer + self.written >= keep]
+        self.left = [item for item in self.left if item not in due]
+        for path, _ in due:
             say(f"[vaegan] removing the checkpoint {path}: Ray's index does not hold it, and "
                 f"train.keep_checkpoints={keep} newer ones exist")
             try:
-                fs.delete_dir(path)
+                self.fs.delete_dir(path)
+            except FileNotFoundError:
+                pass
             except OSError as e:
                 say(f"[vaegan] warning: could not remove {path}: {e}")
+
+
+def _has_manifest(fs: Any, folder: str) -> bool:
+    import pyarrow.fs
+
+    return fs.get_file_info(f"{folder}/{MANIFEST}").type == pyarrow.fs.FileType.File
 
 
 def load_checkpoint_into(model: VAEGAN, device: torch.device, path: str,
@@ -782,7 +800,7 @@ def _report_checkpoint(w: Worker, metrics: dict | None, last: bool, register: bo
         mode = ray.train.CheckpointUploadMode.NO_UPLOAD if direct else ray.train.CheckpointUploadMode.SYNC
         ray.train.report({**metrics, "step": w.state.step, "last": float(last)}, checkpoint=checkpoint,
                          checkpoint_dir_name=name, checkpoint_upload_mode=mode)
-        w.unrecorded.after_checkpoint(fs, w.cfg.train.keep_checkpoints)
+        w.unrecorded.after_checkpoint(w.cfg.train.keep_checkpoints)
         w.logger.log_checkpoint(path, w.state.step, metrics, final=final)
         _maybe_kill(w)  # fault drills: a death between the final checkpoint and the registration
         if final:
@@ -1049,6 +1067,53 @@ def set_aside_unreadable_index(run: Storage) -> None:
     print(f"[vaegan] warning: Ray's checkpoint index {run.url}/{RAY_INDEX} is unreadable ({problem}); "
           f"moved it to {Path(aside).name}. Resuming from the newest complete checkpoint in "
           f"{run.url}", file=sys.stderr, flush=True)
+
+
+def remove_torn_checkpoints(run: Storage) -> None:
+    """Remove the unfinished checkpoints of a run that will not resume (a sweep's trial that
+    ASHA stopped, killing its workers wherever they were): a `.tmp` folder written in place,
+    or an S3 upload cut short (a folder whose manifest is missing or does not list what is
+    there), up to 580 MB each at celeba64. Never a folder Ray's index holds. A failure is a
+    warning. Parts of a multipart upload that was cut short are not objects and stay until
+    the bucket's rule for incomplete uploads removes them (docs/operations.md)."""
+    import json
+
+    from pyarrow.fs import FileSelector, FileType, LocalFileSystem
+
+    fs = run.filesystem or LocalFileSystem()
+    try:
+        with fs.open_input_stream(f"{run.path}/{RAY_INDEX}") as f:
+            held = {c["checkpoint_dir_name"] for c in json.loads(f.read().decode())["checkpoint_results"]}
+        folders = [i for i in fs.get_file_info(FileSelector(run.path))
+                   if i.type == FileType.Directory and i.base_name.startswith("checkpoint_")
+                   and i.base_name not in held]
+    except (OSError, ValueError, KeyError, TypeError) as e:  # no index, or one cut short: leave it all
+        say(redact_text(f"[vaegan] warning: not clearing the unfinished checkpoints of {run.url}: "
+                        f"{type(e).__name__}: {e}"))
+        return
+    for folder in folders:
+        try:
+            if folder.base_name.endswith(UNFINISHED) or _torn(fs, folder.path):
+                say(redact_text(f"[vaegan] removing the unfinished checkpoint {folder.path} (a stopped run)"))
+                fs.delete_dir(folder.path)
+        except OSError as e:
+            say(redact_text(f"[vaegan] warning: could not remove {folder.path}: {e}"))
+
+
+def _torn(fs: Any, folder: str) -> bool:
+    """Whether the checkpoint at `folder` lacks a file its manifest lists, or the manifest:
+    S3 uploads a checkpoint's files in parallel, so the manifest can be there before the rest."""
+    import json
+
+    from pyarrow.fs import FileSelector
+
+    try:
+        with fs.open_input_stream(f"{folder}/{MANIFEST}") as f:
+            listed = json.loads(f.read().decode())["files"]
+    except (FileNotFoundError, ValueError, KeyError, TypeError):  # none, or cut short
+        return True
+    sizes = {i.base_name: i.size for i in fs.get_file_info(FileSelector(folder))}
+    return any(sizes.get(name) != want["bytes"] for name, want in listed.items())
 
 
 def read_state_from_result(result) -> int:

@@ -31,14 +31,11 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from vaegan.config import COMPARE_METRIC, Config, config_from_dict, redact_text
 from vaegan.errors import UserError
 from vaegan.tracking import RUN_NAME_TAG
-
-if TYPE_CHECKING:
-    from vaegan.cluster import Storage
 
 CHALLENGER = "challenger"
 PARENT_TAG = "mlflow.parentRunId"  # what makes MLflow show a run nested under another
@@ -504,7 +501,7 @@ def _sweep(cfg: Config, opts: SweepOptions) -> SweepResult:
 
     from vaegan import cluster
     from vaegan.tracking import resolve_tracking_uri
-    from vaegan.train import FAULT_ENV, resolve_data, resolve_featurizer
+    from vaegan.train import FAULT_ENV, remove_torn_checkpoints, resolve_data, resolve_featurizer
 
     cfg = config_from_dict(cfg.to_dict())  # the caller's config stays as it was
     opts = check_options(cfg, opts)
@@ -558,39 +555,15 @@ def _sweep(cfg: Config, opts: SweepOptions) -> SweepResult:
                                       failure_config=tune.FailureConfig(max_failures=0)))
     with cluster.credentials_kept_from_tune():  # else Ray logs them (see there)
         grid = tuner.fit()
-    remove_torn_checkpoints(trials)
     res = SweepResult(opts.name, parent, uri, opts.metric, opts.mode, storage=storage.child(opts.name).url)
     res.rows = _rows(grid, cfg, opts)
+    for row in res.rows:
+        if row.status == "stopped early":  # ASHA killed it wherever it was; no one resumes it
+            remove_torn_checkpoints(trials.child(f"{opts.name}-{row.trial_id}"))
     _summarise(res, cfg, opts)
     if opts.compare:
         res.comparison = _compare(res, cfg, featurizer, storage.url)
     return res
-
-
-def remove_torn_checkpoints(trials: Storage) -> None:
-    """ASHA stops a trial by killing its workers wherever they are, in a checkpoint's write
-    too, and no one resumes a stopped trial: its unfinished folder (`.tmp`, written in place)
-    or S3 upload cut short (no manifest) would stay, up to 580 MB each at celeba64. Removed
-    once the sweep is over. A failure is a warning: the sweep's result stands."""
-    from pyarrow.fs import FileSelector, FileType, LocalFileSystem
-
-    from vaegan.checkpoint import MANIFEST, UNFINISHED
-
-    fs = trials.filesystem or LocalFileSystem()
-    try:
-        for run in fs.get_file_info(FileSelector(trials.path, allow_not_found=True)):
-            if run.type != FileType.Directory:
-                continue
-            for ck in fs.get_file_info(FileSelector(run.path)):
-                if (ck.type == FileType.Directory and ck.base_name.startswith("checkpoint_")
-                        and (ck.base_name.endswith(UNFINISHED)
-                             or fs.get_file_info(f"{ck.path}/{MANIFEST}").type == FileType.NotFound)):
-                    line = f"[vaegan] removing the unfinished checkpoint {ck.path} of a stopped trial"
-                    print(redact_text(line), flush=True)
-                    fs.delete_dir(ck.path)
-    except OSError as e:
-        print(redact_text(f"[vaegan] warning: could not remove the trials' unfinished checkpoints: {e}"),
-              flush=True)
 
 
 def _compare(res: SweepResult, cfg: Config, featurizer: str, storage_url: str) -> str:
