@@ -158,6 +158,25 @@ def test_cpu_sampler_keeps_a_training_worker_in_its_group():
     assert cpu.totals[-1]["Ray"] == 0 and cpu.totals[-1]["training workers"] >= mine - 0.5, cpu.totals
 
 
+def test_cpu_sampler_never_takes_time_from_a_group_a_process_leaves():
+    """A pooled ray::IDLE worker that becomes a training worker: the CPU it used as one of Ray's
+    stays Ray's (the bench once reported Ray at -0.003 cores when it moved with the worker),
+    and what it uses afterwards is the training workers'."""
+    from vaegan.bench_train import CpuSampler
+
+    title = {"now": "Ray"}
+    cpu = CpuSampler(classify=lambda cmd, parent_cmd, pid, me: title["now"] if pid == me else "other")
+    cpu._sample()
+    as_ray = cpu.totals[-1]["Ray"]
+    title["now"] = "training workers"
+    t = time.process_time()
+    while time.process_time() - t < 0.2:
+        pass
+    cpu._sample()
+    assert cpu.totals[-1]["Ray"] == as_ray > 0, cpu.totals
+    assert cpu.totals[-1]["training workers"] >= 0.19, cpu.totals  # in clock ticks (10 ms)
+
+
 def test_cpu_sampler_keeps_an_exiting_process_in_its_group():
     """A process that has exited (a zombie, not yet reaped: Ray's, as a run ends) has no title
     left; its CPU time stays in the group it was seen in, not moved to "other"."""

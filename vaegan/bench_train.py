@@ -110,9 +110,11 @@ class CpuSampler:
     """Cumulative CPU seconds (user + system) of every process on the machine, by group
     (`classify(cmdline, parent's cmdline, pid, this pid)`, `cpu_group` by default), sampled
     every `interval` s in a thread; `cores(t0, t1)` is the CPU time each group used between
-    two wall-clock times over their distance. A process that ends keeps the time it had at
-    the last sample; one that starts counts from zero. Group totals are over every process
-    seen, so compare them over windows in which no process changed its name.
+    two wall-clock times over their distance. The CPU a process used between two samples goes
+    to the group it is in at the second; one that starts counts from zero, one that ends keeps
+    what it had at the last sample. So a group's total never falls, also when a process moves
+    to another group (a pooled ray::IDLE worker that becomes a training worker: its time as
+    one of Ray's stays Ray's).
 
     A sample reads /proc itself: psutil took 48 ms of CPU a sample over 170 processes, this
     11 ms, and the sampler runs beside the step it measures. Every 5 s by default: a timed
@@ -124,6 +126,7 @@ class CpuSampler:
         self.times: list[float] = []
         self.totals: list[dict[str, float]] = []
         self._last: dict[tuple[int, bytes], tuple[str, float]] = {}  # (pid, start) -> (group, cpu s)
+        self._sums: dict[str, float] = dict.fromkeys(self.groups, 0.0)  # CPU s by group so far
         self._tick = os.sysconf("SC_CLK_TCK")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="vaegan-cpu-sampler", daemon=True)
@@ -160,22 +163,20 @@ class CpuSampler:
         for pid, (ppid, start, seconds, cmd, untitled) in procs.items():
             parent_cmd = procs[ppid][3] if ppid in procs else ""
             # Classified afresh each time: a Ray worker starts as ray::IDLE and takes its
-            # actor's name (ray::RayTrainWorker) later; its CPU time so far goes with it. But
-            # a training worker stays one, and a process seen before keeps its group once its
-            # title is gone as it exits (Ray's, as the run ends: "Ray" went below 0 cores when
-            # their time moved to "other" in the sample after the run, which the report
-            # window's end is interpolated from).
+            # actor's name (ray::RayTrainWorker) later. But a training worker stays one, and a
+            # process seen before keeps its group once its title is gone as it exits (Ray's,
+            # as the run ends, would have moved to "other").
             group = self.classify(cmd, parent_cmd, pid, me)
-            before = self._last.get((pid, start), (group,))[0]
-            keep = before in STICKY_GROUPS or (untitled and (pid, start) in self._last)
-            self._last[(pid, start)] = (before if keep else group, seconds)
-        totals = dict.fromkeys(self.groups, 0.0)
-        for group, seconds in self._last.values():
-            if group not in totals:
+            before, seen = self._last.get((pid, start), (group, 0.0))
+            if before in STICKY_GROUPS or (untitled and (pid, start) in self._last):
+                group = before
+            if group not in self._sums:
                 self.groups.append(group)
-            totals[group] = totals.get(group, 0.0) + seconds
+                self._sums[group] = 0.0
+            self._sums[group] += max(seconds - seen, 0.0)
+            self._last[(pid, start)] = (group, seconds)
         self.times.append(now)
-        self.totals.append(totals)
+        self.totals.append(dict(self._sums))
 
     def _at(self, t: float) -> dict[str, float]:
         """The cumulative totals at time t, linear between the two samples around it."""
