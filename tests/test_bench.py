@@ -60,6 +60,10 @@ def test_cli_bench_step_prints_one_json_row_per_variant_and_layout(capsys):
         assert cfg.data.batch_size / (sec + 5e-4) - 0.05 <= r["images_per_s"], r
         assert sec < 5e-4 or r["images_per_s"] <= cfg.data.batch_size / (sec - 5e-4) + 0.05, r
     assert gflop["vaegan"] < gflop["plain"]
+    assert main(["bench", "step", "--preset", "debug", "--steps", "1", "--warmup", "0",
+                 "--memory-format", "channels-last"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [(r["step"], r["channels_last"]) for r in rows] == [("vaegan", True), ("plain", True)]
 
 
 def test_layouts_run_alternated_and_a_bad_one_is_named():

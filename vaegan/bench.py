@@ -26,7 +26,14 @@ from vaegan.config import Config, load_config
 from vaegan.errors import UserError
 from vaegan.losses import gan_bce, kl_prior, llike_dis_l
 from vaegan.model import VAEGAN, reparameterize
-from vaegan.step import TrainStep, decode, make_optimizer, precision_context, resolve_precision
+from vaegan.step import (
+    TrainStep,
+    decode,
+    make_optimizer,
+    precision_context,
+    resolve_precision,
+    set_cuda_backends,
+)
 
 
 class PlainStep:
@@ -195,14 +202,13 @@ def bench_step(preset: str = "celeba64", overrides: list[str] | None = None, ste
     cfg = check_benchable(load_config(preset, overrides=overrides or []))
     dev = resolve_bench_device(device)
     keep_freed_memory()  # as the training workers do
-    if dev.type == "cuda":  # fixed shapes: let cuDNN pick its kernels, as training does
-        torch.backends.cudnn.benchmark = True
+    precision = resolve_precision(cfg.train.precision, dev)
+    set_cuda_backends(dev, precision)  # as training does
     m = cfg.model
     combos = [(name, channels_last, compiled) for name in variants for channels_last in layouts
               for compiled in ((False, True) if name == "vaegan" and cfg.train.compile
                                else (False,))]
     gflop = {name: count_gflop_per_image(cfg, name) for name in variants}
-    precision = resolve_precision(cfg.train.precision, dev)
     peak = matmul_peak_gflops(precision, dev, peak_size)  # and again after: these machines drift
     runs = []
     for name, channels_last, compiled in combos:

@@ -64,10 +64,11 @@ def bare_step(cfg: Config, batch: int, threads: int, steps: int, warmup: int,
     from vaegan.allocator import keep_freed_memory
     from vaegan.bench import synchronize
     from vaegan.model import VAEGAN
-    from vaegan.step import TrainStep
+    from vaegan.step import TrainStep, resolve_precision, set_cuda_backends
 
     keep_freed_memory()  # as the training workers do
     device = torch.device(device)
+    set_cuda_backends(device, resolve_precision(cfg.train.precision, device))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -89,6 +90,8 @@ def bare_step(cfg: Config, batch: int, threads: int, steps: int, warmup: int,
         return batch * steps / (time.perf_counter() - start)
     finally:
         torch.set_num_threads(before)
+        if device.type == "cuda":  # the training worker gets the GPU's memory back
+            torch.cuda.empty_cache()
 
 
 CPU_GROUPS = ("training workers", "data loaders", "Ray", "driver", "other")

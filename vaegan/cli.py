@@ -327,6 +327,8 @@ def _add_bench(sub) -> None:
     st.add_argument("--steps", type=int, default=5, help="timed steps per variant (default 5)")
     st.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     st.add_argument("--device", default="auto", help="auto (a GPU where there is one) | cpu | cuda[:N]")
+    st.add_argument("--memory-format", choices=MEMORY_FORMATS, default="both",
+                    help="the layouts timed: channels-last, contiguous (NCHW) or both (default)")
     st.set_defaults(func=_bench_step)
     tr = bench_sub.add_parser("train", help="end-to-end training (Ray, data, DDP, reports, checkpoints, "
                               "MLflow) beside the bare step, and where a step's time goes")
@@ -349,13 +351,17 @@ def _add_bench(sub) -> None:
     tr.set_defaults(func=_bench_train)
 
 
+MEMORY_FORMATS = {"both": (False, True), "channels-last": (True,), "contiguous": (False,)}
+"""`vaegan bench step --memory-format`: which layouts (channels_last or not) are timed."""
+
+
 def _bench_step(args: argparse.Namespace) -> None:
     import json
 
     from vaegan.bench import bench_step
 
     for row in bench_step(args.preset, args.overrides, steps=args.steps, warmup=args.warmup,
-                          device=args.device):
+                          device=args.device, layouts=MEMORY_FORMATS[args.memory_format]):
         print(json.dumps(row), flush=True)
 
 

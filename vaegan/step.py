@@ -95,6 +95,16 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def set_cuda_backends(device: torch.device, precision: str) -> None:
+    """On CUDA: cuDNN picks its fastest kernels once for the step's fixed shapes, and fp32 is
+    fp32. cuDNN's convolutions run in TF32 by default (torch's matmuls do not), which would
+    make an fp32 step neither fp32 nor comparable with an fp32 matmul peak. `precision`: a
+    resolved one (`resolve_precision`)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.allow_tf32 = precision != "fp32"
+
+
 def precision_context(precision: str, device: torch.device):
     """bf16 autocast for precision "bf16" (a resolved precision), else nothing."""
     if precision == "bf16":
@@ -278,7 +288,7 @@ class TrainStep:
         # recipe=reference: the authors' Dis loss leaves x~ out.
         gan = gan_bce(logit_real, logit_recon if L.recipe == "paper" else None, logit_prior)
         attr = attribute_bce(attr_logits[:b], attrs) if attrs is not None else None
-        terms = (kl, ll, torch.zeros(()), gan, logit_real, logit_recon, logit_prior, attr)
+        terms = (kl, ll, torch.zeros((), device=self.device), gan, logit_real, logit_recon, logit_prior, attr)
 
         # (1) L_llike -> gradient at the fakes through Dis's first l layers only (all of Dis
         #     with loss.attribute_llike). Dis's weights receive nothing: Dis_l is a fixed
@@ -318,7 +328,7 @@ class TrainStep:
             x_recon = self.dec(reparameterize(mu.float(), log_var.float(), eps))
         kl = kl_prior(mu.float(), log_var.float())
         ll = llike_pixel(x, x_recon)
-        zero = torch.zeros(())
+        zero = torch.zeros((), device=self.device)
         terms = (kl, zero, ll, zero, None, None, None, None)
         self._backward(self.cfg.loss.kl_weight * kl + ll, None, ("enc", "dec"), sink=sink)
         return terms
@@ -333,7 +343,7 @@ class TrainStep:
             logits, _, attr_logits = self._dis(self._augment(torch.cat([x, fake_in])), attrs is not None)
         logit_real, logit_prior = logits.split(b)
         gan = gan_bce(logit_real, None, logit_prior)
-        zero = torch.zeros(())
+        zero = torch.zeros((), device=self.device)
         attr = attribute_bce(attr_logits[:b], attrs) if attrs is not None else None
         terms = (zero, zero, zero, gan, logit_real, None, logit_prior, attr)
         ns = L.generator == "nonsaturating"
@@ -380,7 +390,8 @@ class TrainStep:
         0 at the first step, 1 from `warmup` steps on). A tensor: the compiled step takes it
         as an input rather than compiling again for every value."""
         warmup = self.cfg.loss.adversarial_warmup
-        return torch.tensor(min(1.0, self.step_count / warmup) if warmup else 1.0, device=self.device)
+        # a fill on the device: a copy from the host would wait for the previous step's kernels
+        return torch.full((), min(1.0, self.step_count / warmup) if warmup else 1.0, device=self.device)
 
     def _augment(self, images: torch.Tensor, paired: int = 0) -> torch.Tensor:
         """Dis's input through loss.augment (vaegan.augment; drawn from the step's generator)."""

@@ -50,7 +50,7 @@ from vaegan.errors import UserError
 from vaegan.images import grid_image
 from vaegan.losses import StepMetrics
 from vaegan.model import VAEGAN
-from vaegan.step import NonFiniteLossError
+from vaegan.step import NonFiniteLossError, resolve_precision, set_cuda_backends
 from vaegan.tracking import STEP_TAG
 
 if TYPE_CHECKING:
@@ -201,8 +201,7 @@ def set_up(config: dict) -> Worker:
             "set VAEGAN_IDLE_RAY=0 for this driver")
     niceness = raise_this_thread()  # before the step's first parallel op starts its OpenMP team
     device = ray.train.torch.get_device()
-    if device.type == "cuda":  # fixed shapes every step: let cuDNN pick its fastest kernels once
-        torch.backends.cudnn.benchmark = True
+    set_cuda_backends(device, resolve_precision(cfg.train.precision, device))
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = VAEGAN(cfg.model).to(device, memory_format=memory_format)
@@ -528,7 +527,7 @@ class _FiniteGuard:
     def mean_across_ranks(self, scalars: torch.Tensor) -> torch.Tensor:
         # float32 like the gradients it travels with: a clock to 0.1 s over a week
         self.exchanged_at = time.perf_counter()
-        seconds = torch.tensor([self.clock() if self.clock else 0.0], device=scalars.device)
+        seconds = torch.full((1,), self.clock() if self.clock else 0.0, device=scalars.device)
         both = torch.cat([scalars.float(), seconds, self.bad.reshape(1).to(scalars.device, torch.float32)])
         self.bad = torch.zeros((), device=self.device)
         both = self.exchange(both)
