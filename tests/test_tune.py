@@ -195,6 +195,16 @@ def test_a_stopped_trial_loses_its_unfinished_checkpoints_and_keeps_the_rest(whe
     assert left == sorted(["checkpoint_1/manifest.json", "checkpoint_1/model.pt", "checkpoint_5/model.pt",
                            RAY_INDEX, "notes/model.pt"])
     assert capsys.readouterr().out.count("removing the unfinished checkpoint") == 3
+    # a trial stopped before its first checkpoint has neither folders nor Ray's index; one
+    # stopped in the middle of its first has a .tmp folder and no index yet
+    remove_torn_checkpoints(storage_for(f"{root}/sw-trials/sw-none"))
+    first = tmp_path / "sw-trials" / "sw-first" / "checkpoint_1.tmp"
+    first.mkdir(parents=True)
+    (first / "model.pt").write_text("w")
+    remove_torn_checkpoints(storage_for(str(tmp_path / "sw-trials" / "sw-first")))
+    assert not first.exists()
+    out = capsys.readouterr().out
+    assert "warning" not in out and out.count("removing the unfinished checkpoint") == 1, out
 
 
 # ---------------------------------------------------------------------------------------

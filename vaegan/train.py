@@ -1081,16 +1081,19 @@ def remove_torn_checkpoints(run: Storage) -> None:
 
     fs = run.filesystem or LocalFileSystem()
     try:
-        with fs.open_input_stream(f"{run.path}/{RAY_INDEX}") as f:
-            held = {c["checkpoint_dir_name"] for c in json.loads(f.read().decode())["checkpoint_results"]}
-        folders = [i for i in fs.get_file_info(FileSelector(run.path))
-                   if i.type == FileType.Directory and i.base_name.startswith("checkpoint_")
-                   and i.base_name not in held]
-    except (OSError, ValueError, KeyError, TypeError) as e:  # no index, or one cut short: leave it all
+        folders = [i for i in fs.get_file_info(FileSelector(run.path, allow_not_found=True))
+                   if i.type == FileType.Directory and i.base_name.startswith("checkpoint_")]
+        if not folders:
+            return
+        held = set()  # stopped before Ray's first index: it holds none
+        if fs.get_file_info(f"{run.path}/{RAY_INDEX}").type == FileType.File:
+            with fs.open_input_stream(f"{run.path}/{RAY_INDEX}") as f:
+                held = {c["checkpoint_dir_name"] for c in json.loads(f.read().decode())["checkpoint_results"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:  # an index cut short: leave it all
         say(redact_text(f"[vaegan] warning: not clearing the unfinished checkpoints of {run.url}: "
                         f"{type(e).__name__}: {e}"))
         return
-    for folder in folders:
+    for folder in [f for f in folders if f.base_name not in held]:
         try:
             if folder.base_name.endswith(UNFINISHED) or _torn(fs, folder.path):
                 say(redact_text(f"[vaegan] removing the unfinished checkpoint {folder.path} (a stopped run)"))
