@@ -15,7 +15,7 @@
 #   benchmarks/gpu.sh            # the project's .venv if there is one, else python3 ($PY)
 #
 # The device machines lent to this project have python3 with torch and no network: carry
-# webdataset and braceexpand as wheels in .whl/ (docs/results.md#the-gpu-path), installed
+# webdataset and braceexpand as wheels in .whl/ (docs/results.md, "The GPU path"), installed
 # below. Ray's wheel (79 MB) is over what a call may carry, so there `bench train` is skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
