@@ -73,6 +73,40 @@ def test_a_checkpoint_is_complete_only_when_its_manifest_matches(tmp_path, debug
     assert check_complete(path).startswith("no manifest.json")
 
 
+@pytest.mark.parametrize("where", ["folder", "s3"])
+def test_a_checkpoint_in_the_run_storage_is_checked_in_place(where, tmp_path, request, debug_cfg):
+    """Resume and a sweep's cleanup read the manifest through the storage's filesystem: on S3
+    nothing is downloaded to be checked. Sizes alone (a listing) miss a same-size change that
+    the sha256 catches; a missing file is caught either way."""
+    import s3fs
+
+    path = save_checkpoint(tmp_path / "ckpt", VAEGAN(debug_cfg.model), debug_cfg, TrainState(step=3))
+    root = request.getfixturevalue("s3_bucket") if where == "s3" else str(tmp_path / "store")
+    run = storage_for(f"{root}/run")
+    folder = f"{run.path}/checkpoint_1"
+    data = (path / "model.pt").read_bytes()
+    flipped = data[:-1] + bytes([data[-1] ^ 1])
+
+    def put(name: str, content: bytes) -> None:
+        if run.filesystem:
+            s3fs.S3FileSystem().pipe(f"{folder}/{name}", content)
+        else:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            Path(folder, name).write_bytes(content)
+
+    for f in path.iterdir():
+        put(f.name, f.read_bytes())
+    assert check_complete(folder, run.filesystem) == ""
+    put("model.pt", flipped)
+    assert "model.pt does not match" in check_complete(folder, run.filesystem)
+    assert check_complete(folder, run.filesystem, sha256=False) == ""
+    if run.filesystem:
+        s3fs.S3FileSystem().rm(f"{folder}/state.json")
+    else:
+        Path(folder, "state.json").unlink()
+    assert check_complete(folder, run.filesystem, sha256=False) == "state.json is missing"
+
+
 def test_a_checkpoint_hands_over_the_model_files_before_the_optimizer_states(tmp_path, debug_cfg):
     """`model_written` sees the files a registered model keeps before trainer.pt is written;
     links taken then hold the checkpoint's bytes after the rename. No zip record carries a

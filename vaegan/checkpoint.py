@@ -159,11 +159,10 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
-def _sha256(file: Path) -> str:
+def _sha256(stream) -> str:
     h = hashlib.sha256()
-    with open(file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    for block in iter(lambda: stream.read(1 << 20), b""):
+        h.update(block)
     return h.hexdigest()
 
 
@@ -171,31 +170,42 @@ def write_manifest(folder: str | Path, step: int) -> None:
     """manifest.json: size and sha256 of every other file in `folder`. Written last, so its
     presence says the writer got to the end."""
     folder = Path(folder)
-    files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)}
-             for f in sorted(folder.iterdir()) if f.is_file() and f.name != MANIFEST}
+    files = {}
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and f.name != MANIFEST:
+            with open(f, "rb") as stream:
+                files[f.name] = {"bytes": f.stat().st_size, "sha256": _sha256(stream)}
     (folder / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
 
 
-def check_complete(folder: str | Path) -> str:
+def check_complete(folder: str | Path, fs=None, *, sha256: bool = True) -> str:
     """"" when the checkpoint at `folder` is complete (its manifest is there and every file
-    matches it), else what is wrong, in a few words."""
-    folder = Path(folder)
+    matches it), else what is wrong, in a few words. `fs`: the pyarrow filesystem `folder` is
+    on (None: this machine's), read in place: an S3 checkpoint is not downloaded to be checked.
+    sha256=False compares the sizes only, which one listing gives. An error reading the storage
+    is raised, not taken for a torn checkpoint: an outage must not look like one."""
+    from pyarrow.fs import FileSelector, FileType, LocalFileSystem
+
+    fs, folder = fs or LocalFileSystem(), str(folder if fs else Path(folder).absolute())
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-        files = manifest["files"]
+        with fs.open_input_stream(f"{folder}/{MANIFEST}") as f:
+            files = json.loads(f.read())["files"]
+        listed = [(name, want["bytes"], want["sha256"]) for name, want in files.items()]
     except FileNotFoundError:
         return f"no {MANIFEST} (the writer stopped before the end)"
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         return f"unreadable {MANIFEST} ({type(e).__name__})"
     for name in (STATE, WEIGHTS):
         if name not in files:
             return f"{MANIFEST} lists no {name}"
-    for name, want in files.items():
-        f = folder / name
-        if not f.is_file():
+    sizes = {i.base_name: i.size for i in fs.get_file_info(FileSelector(folder)) if i.type == FileType.File}
+    for name, size, digest in listed:
+        if name not in sizes:
             return f"{name} is missing"
-        if f.stat().st_size != want["bytes"]:
-            return f"{name} has {f.stat().st_size} bytes, the manifest says {want['bytes']}"
-        if _sha256(f) != want["sha256"]:
-            return f"{name} does not match its sha256 in the manifest"
+        if sizes[name] != size:
+            return f"{name} has {sizes[name]} bytes, the manifest says {size}"
+        if sha256:
+            with fs.open_input_stream(f"{folder}/{name}") as f:
+                if _sha256(f) != digest:
+                    return f"{name} does not match its sha256 in the manifest"
     return ""

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -155,7 +155,7 @@ class Worker:
     ema: EMA | None = None  # rank 0 with train.ema: the averaged encoder and decoder
     fit_images: torch.Tensor | None = None  # rank 0 with model.latent_mixture: what it is fitted to
     unrecorded: _UnrecordedCheckpoints = field(  # rank 0: folders Ray does not hold
-        default_factory=lambda: _UnrecordedCheckpoints([], None))
+        default_factory=lambda: _UnrecordedCheckpoints())  # defined below
 
     @property
     def served(self) -> VAEGAN:
@@ -207,7 +207,8 @@ def set_up(config: dict) -> Worker:
     model = VAEGAN(cfg.model).to(device, memory_format=memory_format)
     state, trainer_state = TrainState(mlflow_run_id=config["mlflow_run_id"]), None
     ema = EMA(model, cfg.train.ema) if cfg.train.ema and rank == 0 else None
-    found, skipped, folders = newest_complete_checkpoint(rank)
+    start = newest_complete_checkpoint(rank)
+    found, skipped = start.found, start.skipped
     if found:
         state, trainer_state = load_checkpoint_into(model, device, found, ema)
         if out_of_time(cfg.train, state):  # the budget ran out at the final checkpoint
@@ -235,7 +236,7 @@ def set_up(config: dict) -> Worker:
                initial_trainer=initial_trainer, base_lr=base_lr, tracking_uri=config["tracking_uri"],
                kills=_faults(config.get("faults", {}).get(KILL_ENV, ""), rank),
                nans=_faults(config.get("faults", {}).get(NAN_ENV, ""), rank), ema=ema,
-               unrecorded=_UnrecordedCheckpoints(folders, found))
+               unrecorded=_UnrecordedCheckpoints(start))
     if rank == 0:
         w.logged_through = _last_logged_step(w.tracking_uri, state.mlflow_run_id)
         from vaegan.data import read_split
@@ -259,30 +260,33 @@ def set_up(config: dict) -> Worker:
     return w
 
 
-def newest_complete_checkpoint(rank: int) -> tuple[str | None, list[str], list[str]]:
-    """The newest complete checkpoint folder of this run in its storage (None: none), the
-    newer incomplete ones skipped, each with what is wrong, and (rank 0; [] elsewhere) all the
-    run's checkpoint folders, newest first. Rank 0 looks, with a warning line per skipped
-    folder; every rank gets its answer (all must load the same one).
+class Checkpoints(NamedTuple):
+    """What `newest_complete_checkpoint` found in the run's storage as a run (re)started."""
+    found: str | None  # the newest complete checkpoint folder (None: none)
+    skipped: list[str]  # the newer incomplete ones, each with what is wrong
+    folders: list[str]  # rank 0: every checkpoint folder, newest first ([] elsewhere)
+    fs: Any = None  # rank 0: the storage's pyarrow filesystem
+
+
+def newest_complete_checkpoint(rank: int) -> Checkpoints:
+    """This run's checkpoints in its storage (`Checkpoints`). Rank 0 looks, with a warning line
+    per skipped folder; every rank gets `found` and `skipped` (all must load the same one).
 
     Not Ray's `get_checkpoint()`: that is the last one reported, complete or not (a torn
     model.pt crash-looped every restart), and None when Ray's index was set aside."""
     from vaegan import distributed
 
-    found, skipped, folders = None, [], []
+    found, skipped, folders, fs = None, [], [], None
     if rank == 0:
-        import ray.train
-
         fs, folders = _checkpoint_folders()
         for path in folders:
-            with ray.train.Checkpoint(path, filesystem=fs).as_directory() as d:  # S3: a download
-                problem = check_complete(d)
+            problem = check_complete(path, fs)  # read in place, on S3 too
             if not problem:
                 found = path
                 break
             skipped.append(f"{Path(path).name}: {problem}")
             say(f"[vaegan] warning: skipping incomplete checkpoint {path}: {problem}")
-    return (*distributed.gather((found, skipped))[0], folders)
+    return Checkpoints(*distributed.gather((found, skipped))[0], folders, fs)
 
 
 def _checkpoint_folders() -> tuple[Any, list[str]]:
@@ -314,15 +318,15 @@ class _UnrecordedCheckpoints:
     report, an S3 upload cut short, all of them after the index was set aside. Each such folder
     is deleted as Ray would have, once keep_checkpoints complete ones are newer."""
 
-    def __init__(self, folders: list[str], found: str | None):
-        """`folders`: newest first; `found`: the newest complete one (those newer are not)."""
+    def __init__(self, start: Checkpoints | None = None):
+        """`start`: what rank 0 found as the run (re)started (None: nothing to look after)."""
         self.left: list[tuple[str, int]] = []  # (folder, complete ones newer at the start)
         self.written = 0  # checkpoints written since the start: complete, newer than all of those
-        if not folders:
+        if start is None or not start.folders:
             return
         import ray.train
 
-        self.fs = ray.train.get_context().get_storage().storage_filesystem
+        folders, found, self.fs = start.folders, start.found, start.fs
         try:
             # Read before this start's first report: the call returns at once, and Ray's
             # retention has not yet deleted (and so dropped from the index) any folder.
@@ -564,7 +568,7 @@ def roll_back(w: Worker, progress: Progress, err: Divergence) -> None:
         raise TrainError(f"training diverged at step {at} ({err}) after {old.rollbacks} rollback(s), and "
                          f"train.max_rollbacks={T.max_rollbacks}: lower optim.lr (now {w.cfg.optim.lr:g}) or "
                          "loss.gamma, or allow more rollbacks")
-    found, _, _ = newest_complete_checkpoint(w.rank)
+    found = newest_complete_checkpoint(w.rank).found
     if found:
         state, trainer_state = load_checkpoint_into(w.model, w.device, found, w.ema)
     else:  # diverged before the first checkpoint: start over from the initial weights
@@ -1095,27 +1099,11 @@ def remove_torn_checkpoints(run: Storage) -> None:
         return
     for folder in [f for f in folders if f.base_name not in held]:
         try:
-            if folder.base_name.endswith(UNFINISHED) or _torn(fs, folder.path):
+            if folder.base_name.endswith(UNFINISHED) or check_complete(folder.path, fs, sha256=False):
                 say(redact_text(f"[vaegan] removing the unfinished checkpoint {folder.path} (a stopped run)"))
                 fs.delete_dir(folder.path)
         except OSError as e:
             say(redact_text(f"[vaegan] warning: could not remove {folder.path}: {e}"))
-
-
-def _torn(fs: Any, folder: str) -> bool:
-    """Whether the checkpoint at `folder` lacks a file its manifest lists, or the manifest:
-    S3 uploads a checkpoint's files in parallel, so the manifest can be there before the rest."""
-    import json
-
-    from pyarrow.fs import FileSelector
-
-    try:
-        with fs.open_input_stream(f"{folder}/{MANIFEST}") as f:
-            listed = json.loads(f.read().decode())["files"]
-    except (FileNotFoundError, ValueError, KeyError, TypeError):  # none, or cut short
-        return True
-    sizes = {i.base_name: i.size for i in fs.get_file_info(FileSelector(folder))}
-    return any(sizes.get(name) != want["bytes"] for name, want in listed.items())
 
 
 def read_state_from_result(result) -> int:
