@@ -119,7 +119,8 @@ while policies()["helper"] != [os.SCHED_IDLE] and time.time() < deadline:
 print(json.dumps({"idle_workers": idle_workers, "IDLE": os.SCHED_IDLE, "OTHER": os.SCHED_OTHER,
                   "policies": policies(), "worker_nice": os.getpriority(os.PRIO_PROCESS, worker),
                   "log_files_threshold": [v for v in log_monitor_env
-                                          if v.startswith("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD=")]}))
+                                          if v.startswith("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD=")],
+                  "metrics": [v for v in log_monitor_env if v.startswith("RAY_enable_metrics_collection=")]}))
 cluster.shutdown()
 """
 
@@ -131,7 +132,7 @@ def test_a_local_ray_idles_beside_the_step():
     except the raylet and the training workers with their children, which run at nice 0."""
     env = {**env_with_venv(), "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    for name in ("VAEGAN_IDLE_RAY", "RAY_worker_niceness"):
+    for name in ("VAEGAN_IDLE_RAY", "RAY_worker_niceness", "RAY_enable_metrics_collection"):
         env.pop(name, None)
     proc = subprocess.run([str(BIN / "python"), "-c", LOCAL_RAY], env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=600)
@@ -144,6 +145,8 @@ def test_a_local_ray_idles_beside_the_step():
     assert out["worker_nice"] == 0, out
     # the log monitor lists the log folder every 0.5 s, not at each 0.1 s poll
     assert out["log_files_threshold"] == ["RAY_LOG_MONITOR_MANY_FILES_THRESHOLD=0"], out
+    # no metrics recorded for a Prometheus that a local Ray does not have
+    assert out["metrics"] == ["RAY_enable_metrics_collection=0"], out
 
 
 def test_a_training_worker_leaves_idle_priority():

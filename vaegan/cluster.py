@@ -41,6 +41,7 @@ PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # off on a local
 PRESTART_ENV = "RAY_prestart_worker_first_driver"  # off on a local Ray (`connect`)
 NICENESS_ENV = "RAY_worker_niceness"  # 0 on a local Ray (`connect`), with IdleRay
 LOG_FILES_ENV = "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD"  # 0 on a local Ray (`connect`)
+METRICS_ENV = "RAY_enable_metrics_collection"  # off on a local Ray (`connect`)
 IDLE_RAY_ENV = "VAEGAN_IDLE_RAY"  # "0": leave a local Ray's own processes at normal priority (`IdleRay`)
 _started_gcs: str | None = None  # the GCS address of the local Ray that `connect` started, if any
 _started_api_server: str | None = None  # API_SERVER_ENV before `connect` set it
@@ -90,6 +91,12 @@ def connect(cpus_needed: float = 1, *, min_cpus: int = 0) -> None:
     # instead of 0.010 (docs/results.md). New workers' output starts at most 0.4 s later.
     if LOG_FILES_ENV not in os.environ:
         ray_env[LOG_FILES_ENV] = "0"
+    # Ray's processes record metrics for a Prometheus to scrape (the dashboard's graphs read
+    # them from one); a local Ray has none, and recording them took an idle local Ray's agent
+    # and workers about 0.01 of its 0.07 cores. Idle-priority CPU beside a 2-thread step costs
+    # it 1.2-1.6% of its speed per 0.01 cores (docs/results.md). A user's value wins.
+    if METRICS_ENV not in os.environ:
+        ray_env[METRICS_ENV] = "0"
     # The step first: Ray's own processes at idle priority (IdleRay), and its workers at nice 0
     # instead of Ray's 15, against whose small weight even idle-priority processes win the
     # core (docs/results.md). VAEGAN_IDLE_RAY=0 leaves both as Ray sets them.
