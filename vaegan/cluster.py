@@ -92,9 +92,9 @@ def connect(cpus_needed: float = 1, *, min_cpus: int = 0) -> None:
     if LOG_FILES_ENV not in os.environ:
         ray_env[LOG_FILES_ENV] = "0"
     # Ray's processes record metrics for a Prometheus to scrape (the dashboard's graphs read
-    # them from one); a local Ray has none, and recording them took an idle local Ray's agent
-    # and workers about 0.01 of its 0.07 cores. Idle-priority CPU beside a 2-thread step costs
-    # it 1.2-1.6% of its speed per 0.01 cores (docs/results.md). A user's value wins.
+    # them from one); a local Ray has none, and recording them took a third of Ray's CPU in a
+    # training run (0.066 cores with them, 0.043 without). Idle-priority CPU beside a 2-thread
+    # step costs it 1.2-1.6% of its speed per 0.01 cores (docs/results.md). A user's value wins.
     if METRICS_ENV not in os.environ:
         ray_env[METRICS_ENV] = "0"
     # The step first: Ray's own processes at idle priority (IdleRay), and its workers at nice 0
