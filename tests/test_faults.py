@@ -15,6 +15,7 @@ import zipfile
 from pathlib import Path
 
 import mlflow
+import pyarrow.fs
 import pytest
 import torch
 from mlflow.entities import LoggedModelStatus
@@ -25,6 +26,7 @@ from vaegan.checkpoint import (
     CheckpointError,
     TrainState,
     check_complete,
+    fetch_complete,
     load_checkpoint,
     non_finite_tensors,
     save_checkpoint,
@@ -97,8 +99,14 @@ def test_a_checkpoint_in_the_run_storage_is_checked_in_place(where, tmp_path, re
     for f in path.iterdir():
         put(f.name, f.read_bytes())
     assert check_complete(folder, run.filesystem) == ""
+    fs = run.filesystem or pyarrow.fs.LocalFileSystem()
+    assert fetch_complete(folder, fs, tmp_path / "copy") == ""  # what resume loads on S3
+    assert {f.name: f.read_bytes() for f in (tmp_path / "copy").iterdir()} == \
+        {f.name: f.read_bytes() for f in path.iterdir()}
     put("model.pt", flipped)
     assert "model.pt does not match" in check_complete(folder, run.filesystem)
+    assert "model.pt does not match" in fetch_complete(folder, fs, tmp_path / "torn")
+    assert not (tmp_path / "torn").exists()
     assert check_complete(folder, run.filesystem, sha256=False) == ""
     if run.filesystem:
         s3fs.S3FileSystem().rm(f"{folder}/state.json")

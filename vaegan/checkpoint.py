@@ -209,3 +209,25 @@ def check_complete(folder: str | Path, fs=None, *, sha256: bool = True) -> str:
                 if _sha256(f) != digest:
                     return f"{name} does not match its sha256 in the manifest"
     return ""
+
+
+def fetch_complete(folder: str, fs, into: Path) -> str:
+    """Copy the checkpoint at `folder` on the (remote) pyarrow filesystem `fs` into the local
+    folder `into`, and check the copy: "" when it is complete (`into` then holds what is loaded,
+    and the storage was read once), else what is wrong (`into` is then removed). A folder whose
+    manifest or listing already tells it torn is not downloaded."""
+    from pyarrow.fs import LocalFileSystem, copy_files
+
+    try:
+        problem = check_complete(folder, fs, sha256=False)
+        if not problem:
+            Path(into).mkdir(parents=True, exist_ok=True)  # copy_files makes no local folder
+            copy_files(folder, str(Path(into).absolute()), source_filesystem=fs,
+                       destination_filesystem=LocalFileSystem())
+            problem = check_complete(into)
+    except BaseException:  # a storage outage: no half copy left behind
+        shutil.rmtree(into, ignore_errors=True)
+        raise
+    if problem:
+        shutil.rmtree(into, ignore_errors=True)
+    return problem

@@ -38,6 +38,7 @@ from vaegan.checkpoint import (
     UNFINISHED,
     TrainState,
     check_complete,
+    fetch_complete,
     load_trainer_state,
     non_finite_tensors,
     read_state,
@@ -210,7 +211,7 @@ def set_up(config: dict) -> Worker:
     start = newest_complete_checkpoint(rank)
     found, skipped = start.found, start.skipped
     if found:
-        state, trainer_state = load_checkpoint_into(model, device, found, ema)
+        state, trainer_state = load_checkpoint_into(model, device, start, ema)
         if out_of_time(cfg.train, state):  # the budget ran out at the final checkpoint
             cfg.train.steps = state.step
     base_lr = (cfg.optim.lr, cfg.optim.lr_final)
@@ -266,6 +267,7 @@ class Checkpoints(NamedTuple):
     skipped: list[str]  # the newer incomplete ones, each with what is wrong
     folders: list[str]  # rank 0: every checkpoint folder, newest first ([] elsewhere)
     fs: Any = None  # rank 0: the storage's pyarrow filesystem
+    local: str | None = None  # rank 0: a folder on this machine holding `found`, as checked
 
 
 def newest_complete_checkpoint(rank: int) -> Checkpoints:
@@ -273,20 +275,27 @@ def newest_complete_checkpoint(rank: int) -> Checkpoints:
     per skipped folder; every rank gets `found` and `skipped` (all must load the same one).
 
     Not Ray's `get_checkpoint()`: that is the last one reported, complete or not (a torn
-    model.pt crash-looped every restart), and None when Ray's index was set aside."""
+    model.pt crash-looped every restart), and None when Ray's index was set aside.
+
+    In a remote storage (S3) rank 0 checks a download, which it then loads (`local`): the
+    storage is read once, and what is loaded is what was checked."""
+    import pyarrow.fs
+
     from vaegan import distributed
 
-    found, skipped, folders, fs = None, [], [], None
+    found, skipped, folders, fs, local = None, [], [], None, None
     if rank == 0:
         fs, folders = _checkpoint_folders()
+        remote = not isinstance(fs, pyarrow.fs.LocalFileSystem)
         for path in folders:
-            problem = check_complete(path, fs)  # read in place, on S3 too
+            copy = str(scratch_dir("vaegan-resume-")) if remote else path
+            problem = fetch_complete(path, fs, Path(copy)) if remote else check_complete(path, fs)
             if not problem:
-                found = path
+                found, local = path, copy
                 break
             skipped.append(f"{Path(path).name}: {problem}")
             say(f"[vaegan] warning: skipping incomplete checkpoint {path}: {problem}")
-    return Checkpoints(*distributed.gather((found, skipped))[0], folders, fs)
+    return Checkpoints(*distributed.gather((found, skipped))[0], folders, fs, local)
 
 
 def _checkpoint_folders() -> tuple[Any, list[str]]:
@@ -368,16 +377,25 @@ def _has_manifest(fs: Any, folder: str) -> bool:
     return fs.get_file_info(f"{folder}/{MANIFEST}").type == pyarrow.fs.FileType.File
 
 
-def load_checkpoint_into(model: VAEGAN, device: torch.device, path: str,
+def load_checkpoint_into(model: VAEGAN, device: torch.device, start: Checkpoints,
                          ema: EMA | None = None) -> tuple[TrainState, dict | None]:
-    """Weights into `model` (and the averages into `ema`) from the checkpoint folder at `path`
-    (in the run's storage); -> (its train state, its optimizer states)."""
+    """Weights into `model` (and the averages into `ema`) from the checkpoint `start.found`
+    (in the run's storage; rank 0 from the copy it checked, removed once loaded); -> (its
+    train state, its optimizer states)."""
     import ray.train
 
-    fs = ray.train.get_context().get_storage().storage_filesystem
-    with ray.train.Checkpoint(path, filesystem=fs).as_directory() as d:
+    def load(d: str) -> tuple[TrainState, dict | None]:
         model.load_weights(torch.load(Path(d) / WEIGHTS, map_location=device, weights_only=True))
-        state, trainer_state = read_state(d), load_trainer_state(d)
+        return read_state(d), load_trainer_state(d)
+
+    if start.local:
+        state, trainer_state = load(start.local)
+        if start.local != start.found:
+            shutil.rmtree(start.local, ignore_errors=True)
+    else:
+        fs = ray.train.get_context().get_storage().storage_filesystem
+        with ray.train.Checkpoint(start.found, filesystem=fs).as_directory() as d:
+            state, trainer_state = load(d)
     # With train.ema the model file holds the averaged encoder and decoder (what is served)
     # and the trainer state the live ones.
     live = (trainer_state or {}).pop(LIVE, None)
@@ -568,9 +586,9 @@ def roll_back(w: Worker, progress: Progress, err: Divergence) -> None:
         raise TrainError(f"training diverged at step {at} ({err}) after {old.rollbacks} rollback(s), and "
                          f"train.max_rollbacks={T.max_rollbacks}: lower optim.lr (now {w.cfg.optim.lr:g}) or "
                          "loss.gamma, or allow more rollbacks")
-    found = newest_complete_checkpoint(w.rank).found
-    if found:
-        state, trainer_state = load_checkpoint_into(w.model, w.device, found, w.ema)
+    start = newest_complete_checkpoint(w.rank)
+    if start.found:
+        state, trainer_state = load_checkpoint_into(w.model, w.device, start, w.ema)
     else:  # diverged before the first checkpoint: start over from the initial weights
         torch.manual_seed(T.seed)
         w.model.load_state_dict(VAEGAN(w.cfg.model).state_dict())
