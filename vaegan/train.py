@@ -288,10 +288,13 @@ def newest_complete_checkpoint(rank: int) -> Checkpoints:
         fs, folders = _checkpoint_folders()
         remote = not isinstance(fs, pyarrow.fs.LocalFileSystem)
         for path in folders:
-            copy = str(scratch_dir("vaegan-resume-")) if remote else path
-            problem = fetch_complete(path, fs, Path(copy)) if remote else check_complete(path, fs)
+            if remote:
+                copy = scratch_dir("vaegan-resume-")
+                problem = fetch_complete(path, fs, copy)
+            else:  # a folder storage: checked and loaded in place
+                copy, problem = path, check_complete(path, fs)
             if not problem:
-                found, local = path, copy
+                found, local = path, str(copy)
                 break
             skipped.append(f"{Path(path).name}: {problem}")
             say(f"[vaegan] warning: skipping incomplete checkpoint {path}: {problem}")
