@@ -377,6 +377,21 @@ def test_state_dict_round_trip_gives_the_identical_next_step(debug_cfg):
         assert torch.equal(a, b)
 
 
+def test_a_checkpoint_of_another_device_type_loads_without_its_generator_state(debug_cfg):
+    """A CUDA generator's state is 16 bytes (seed and offset), a CPU one's 5,056: a run that
+    resumes on the other device type keeps its own generator and loads the rest."""
+    model, step = make(debug_cfg)
+    step(batch(debug_cfg))
+    state = copy.deepcopy(step.state_dict())
+    state["generator"] = torch.zeros(16, dtype=torch.uint8)  # the size of a CUDA generator's
+    _, fresh = make(debug_cfg)
+    own = fresh.generator.get_state()
+    fresh.load_state_dict(state)
+    assert fresh.step_count == step.step_count
+    assert torch.equal(fresh.generator.get_state(), own)
+    assert fresh.opt_dec.state_dict()["state"].keys() == step.opt_dec.state_dict()["state"].keys()
+
+
 def test_the_lr_anneal_follows_the_steps_or_a_progress_the_caller_gives(debug_cfg):
     debug_cfg.optim.lr_final = debug_cfg.optim.lr / 100
     debug_cfg.train.steps = 4

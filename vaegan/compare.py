@@ -167,7 +167,7 @@ def figure(configs: list[ConfigRow], real: torch.Tensor):
         recon = blank if first.mode == "gan" else model.reconstruct(x.to(model.device)).float().cpu()
         parts = [recon, model.decode(z.to(model.device)).float().cpu()]
         if blocks == 3:
-            gen = torch.Generator(device=model.device).manual_seed(FIGURE_SEED)
+            gen = torch.Generator().manual_seed(FIGURE_SEED)  # the same codes on any device
             parts.append(model.sample(FIGURE_INPUTS, gen, latent="mixture").float().cpu()
                          if model.has_mixture else blank)
         rows.append((r.label, torch.cat(parts)))

@@ -327,7 +327,8 @@ def _score_samples(model: VAEGAN, latent: str, featurizer: Featurizer, n: int, s
                    softmax: bool) -> tuple[torch.Tensor, float, int, int]:
     """n samples drawn from `latent` (prior | mixture) with the seeded generator -> (their
     features, their summed gradient magnitude, how many pass p > 0.9 and p > 0.5)."""
-    generator = torch.Generator(device=model.device).manual_seed(seed)
+    # a CPU generator, so that a seed draws the same z_p on every device (model.sample moves them)
+    generator = torch.Generator().manual_seed(seed)
     feats, edges, confident, confident_p50 = [], 0.0, 0, 0
     for i in range(0, n, batch_size):
         samples = model.sample(min(batch_size, n - i), generator, latent=latent).float()

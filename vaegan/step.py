@@ -458,6 +458,10 @@ class TrainStep:
 
     def load_state_dict(self, state: dict) -> None:
         self.step_count = int(state["step"])
-        self.generator.set_state(state["generator"])
+        # A checkpoint of another device type (CPU <-> CUDA) holds another generator's state
+        # (5,056 against 16 bytes), which set_state refuses; the loop reseeds the generator
+        # before every step (`noise_seed`), so there it is only skipped.
+        if state["generator"].numel() == self.generator.get_state().numel():
+            self.generator.set_state(state["generator"])
         for k, opt in self.optimizers.items():
             opt.load_state_dict(state[f"opt_{k}"])

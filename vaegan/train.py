@@ -555,10 +555,12 @@ class _FiniteGuard:
         seconds = torch.full((1,), self.clock() if self.clock else 0.0, device=scalars.device)
         both = torch.cat([scalars.float(), seconds, self.bad.reshape(1).to(scalars.device, torch.float32)])
         self.bad = torch.zeros((), device=self.device)
-        both = self.exchange(both)
-        finite = bool(torch.isfinite(both).all())  # a host sync: the collective's end on GPUs too
+        # the step's one host sync (on GPUs it waits for the collective's end); every read
+        # after it, the step's own included, is of this host copy
+        both = self.exchange(both).cpu()
+        finite = bool(torch.isfinite(both).all())
         self.exchange_seconds += time.perf_counter() - self.exchanged_at
-        if not finite or both[-1].item() > 0:
+        if not finite or both[-1] > 0:
             raise Divergence("non-finite values in a forward pass or a loss term")
         self.agreed_seconds = float(both[-2])
         return both[:-2].to(scalars.dtype)
