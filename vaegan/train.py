@@ -289,12 +289,12 @@ def newest_complete_checkpoint(rank: int) -> Checkpoints:
         remote = not isinstance(fs, pyarrow.fs.LocalFileSystem)
         for path in folders:
             if remote:
-                copy = scratch_dir("vaegan-resume-")
-                problem = fetch_complete(path, fs, copy)
+                loaded = scratch_dir("vaegan-resume-")
+                problem = fetch_complete(path, fs, loaded)
             else:  # a folder storage: checked and loaded in place
-                copy, problem = path, check_complete(path, fs)
+                loaded, problem = path, check_complete(path, fs)
             if not problem:
-                found, local = path, str(copy)
+                found, local = path, str(loaded)
                 break
             skipped.append(f"{Path(path).name}: {problem}")
             say(f"[vaegan] warning: skipping incomplete checkpoint {path}: {problem}")
